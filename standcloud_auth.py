@@ -35,7 +35,6 @@ Licence: MIT.
 # start fast (contract: Speed). ssl, urllib.request, http.client, argparse,
 # threading and webbrowser are imported where they are used.
 
-import json
 import os
 import sys
 import time
@@ -314,20 +313,58 @@ def _origin(url):
     return "%s://%s" % (scheme, netloc)
 
 
+class _JSONContext(object):
+    """The settings the C JSON scanner reads (those of json.JSONDecoder)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo = {}  # type: Dict[str, Any]
+
+    @staticmethod
+    def parse_constant(name):
+        # type: (str) -> Any
+        raise ValueError("%s is not valid JSON" % name)  # NaN, Infinity
+
+
 def _loads(data, what):
     # type: (bytes, str) -> Any
-    """Parse JSON, rejecting NaN/Infinity; any failure is a ValueError."""
+    """Parse JSON, rejecting NaN/Infinity; any failure is a ValueError.
 
-    def reject(name):
-        # type: (str) -> Any
-        raise ValueError("%s is not valid JSON" % name)
-
+    `import json` imports `re`, about a third of the `token` hot path's
+    budget; the C scanner behind json.loads does not need it.
+    """
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=reject)
+        text = data.decode("utf-8")
+        if text.startswith("\ufeff"):
+            raise ValueError("a byte order mark")
+        try:
+            from _json import make_scanner
+        except ImportError:  # pragma: no cover - CPython always has _json
+            import json
+
+            return json.loads(text, parse_constant=_JSONContext.parse_constant)
+        start = len(text) - len(text.lstrip(" \t\n\r"))
+        try:
+            value, end = make_scanner(_JSONContext)(text, start)
+        except StopIteration:
+            raise ValueError("no JSON value") from None
+        if text[end:].strip(" \t\n\r"):
+            raise ValueError("extra data")
+        return value
     except RecursionError:
         raise ValueError("%s is nested too deeply" % what) from None
     except ValueError as exc:  # includes JSONDecodeError and UnicodeDecodeError
         raise ValueError("%s is not valid JSON (%s)" % (what, type(exc).__name__)) from None
+
+
+def _dumps(value, indent=None):
+    # type: (Any, Optional[int]) -> str
+    import json  # not on the hot path: see _loads
+
+    return json.dumps(value, indent=indent, sort_keys=indent is not None)
 
 
 def _is_number(value):
@@ -614,7 +651,7 @@ class TokenStore(object):
         """Atomic replace: temp file (0600 from the first byte), fsync, rename."""
         folder = os.path.dirname(self.path)
         _make_private_dirs(folder)
-        data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
+        data = (_dumps(doc, indent=1) + "\n").encode("utf-8")
         tmp = "%s.%s.tmp" % (self.path, os.urandom(6).hex())
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         try:
@@ -1616,11 +1653,6 @@ class StandCloudAuth(object):
         }
 
 
-def _dumps(value):
-    # type: (Any) -> str
-    return json.dumps(value, separators=(",", ":"))
-
-
 # ==== §10 QR code ============================================================
 # (placeholder until the encoder lands)
 # ==== §10 end ================================================================
@@ -1774,7 +1806,7 @@ def _write_out(text):
 
 def _emit(event):
     # type: (Dict[str, Any]) -> None
-    _write_out(json.dumps(event, sort_keys=False) + "\n")
+    _write_out(_dumps(event) + "\n")
 
 
 def _auth(args, console):
