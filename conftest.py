@@ -103,7 +103,7 @@ class FakeStandCloud(object):
             self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
         scheme = "https" if ssl_context is not None else "http"
         self.base = "%s://127.0.0.1:%d" % (scheme, self.httpd.server_address[1])
-        thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05})
+        thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01})
         thread.daemon = True
         thread.start()
         self.thread = thread

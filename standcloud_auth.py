@@ -2043,8 +2043,8 @@ def _display_code(user_code):
     return user_code
 
 
-def _show_flow(console, flow, args):
-    # type: (_Console, DeviceFlow, Dict[str, Any]) -> None
+def _show_flow(console, flow, args, show_qr):
+    # type: (_Console, DeviceFlow, Dict[str, Any], bool) -> None
     uri = flow.verification_uri_complete or flow.verification_uri or ""
     console.info("")
     console.info("To log in, open this address on a phone or a computer:")
@@ -2056,7 +2056,7 @@ def _show_flow(console, flow, args):
         console.info("and check that the page shows the code   %s" % code)
     else:
         console.info("and enter the code   %s" % code)
-    _show_qr(console, uri, _qr_wanted(args, console))
+    _show_qr(console, uri, show_qr)
     console.info("")
     console.info("The code expires in %s. Waiting for approval (Ctrl-C to cancel)..." % _duration(flow.expires_in))
     if args.get("open"):
@@ -2084,6 +2084,7 @@ def _countdown(console):
 def _cmd_login(args, console):
     # type: (Dict[str, Any], _Console) -> int
     _no_positional(args)
+    show_qr = _qr_wanted(args, console)  # a usage error must come before any request
     try:
         auth = _auth(args, console)
         auth._store.load()
@@ -2103,7 +2104,7 @@ def _cmd_login(args, console):
     flow = auth.start_login()
     if args.get("json"):
         _emit(flow.as_event())
-    _show_flow(console, flow, args)
+    _show_flow(console, flow, args, show_qr)
     tick = _countdown(console)
     try:
         tokens = auth.wait_for_login(flow, tick)
