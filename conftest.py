@@ -392,15 +392,26 @@ class Result(object):
         return "Result(code=%r, out=%r, err=%r)" % (self.code, self.out, self.err)
 
 
+class _Terminal(io.TextIOWrapper):
+    """stderr as a terminal would look to the module."""
+
+    def isatty(self):
+        return True
+
+
 @pytest.fixture
 def cli():
-    """Run main(argv) in-process; returns Result(code, out, err) as text."""
+    """Run main(argv) in-process; returns Result(code, out, err) as text.
+
+    ``tty=True`` makes stderr look like a terminal; ``encoding=`` sets its
+    encoding; ``stdin=`` gives bytes to read."""
 
     def run(*argv, **kwargs):
         out, err = io.BytesIO(), io.BytesIO()
         stdin = io.TextIOWrapper(io.BytesIO(kwargs.get("stdin", b"")), encoding="utf-8")
         out_text = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
-        err_text = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+        err_text = (_Terminal if kwargs.get("tty") else io.TextIOWrapper)(err, encoding=kwargs.get("encoding", "utf-8"),
+                                                                         write_through=True)
         saved = sys.stdout, sys.stderr, sys.stdin
         sys.stdout, sys.stderr, sys.stdin = out_text, err_text, stdin
         try:

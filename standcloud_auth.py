@@ -416,9 +416,13 @@ class _Console(object):
         # type: (str) -> None
         stream = self.stream or sys.stderr
         try:
-            stream.write(text)
+            try:
+                stream.write(text)
+            except UnicodeEncodeError:  # an old console code page: degrade, never drop
+                encoding = getattr(stream, "encoding", None) or "ascii"
+                stream.write(text.encode(encoding, "replace").decode(encoding))
             stream.flush()
-        except (OSError, ValueError, UnicodeError):  # a closed pipe is not our error
+        except (OSError, ValueError):  # a closed pipe is not our error
             pass
 
     def info(self, text):
@@ -2019,9 +2023,7 @@ def _show_qr(console, uri, wanted):
     except ValueError:
         console.info("(The address is too long for a QR code; type it instead.)")
         return
-    stream = console.stream or sys.stderr
-    encoding = (getattr(stream, "encoding", None) or "ascii").lower()
-    unicode_ok = encoding.replace("-", "") in ("utf8", "utf16", "utf32", "cp65001")
+    unicode_ok = _unicode_ok(console.stream or sys.stderr)
     console.info(_qr_render(modules, unicode_ok, console.isatty()))  # type: ignore[name-defined]
 
 
@@ -2043,6 +2045,51 @@ def _display_code(user_code):
     return user_code
 
 
+# A 5x5 font for reading the user code aloud across a room: one row of
+# glyph bits per string row ("1" = ink), drawn with half blocks (3 lines).
+_BIG_FONT = {
+    "A": "01110 10001 11111 10001 10001", "B": "11110 10001 11110 10001 11110",
+    "C": "01111 10000 10000 10000 01111", "D": "11110 10001 10001 10001 11110",
+    "E": "11111 10000 11110 10000 11111", "F": "11111 10000 11110 10000 10000",
+    "G": "01111 10000 10011 10001 01111", "H": "10001 10001 11111 10001 10001",
+    "I": "11111 00100 00100 00100 11111", "J": "00111 00001 00001 10001 01110",
+    "K": "10001 10010 11100 10010 10001", "L": "10000 10000 10000 10000 11111",
+    "M": "10001 11011 10101 10001 10001", "N": "10001 11001 10101 10011 10001",
+    "O": "01110 10001 10001 10001 01110", "P": "11110 10001 11110 10000 10000",
+    "Q": "01110 10001 10101 10010 01101", "R": "11110 10001 11110 10010 10001",
+    "S": "01111 10000 01110 00001 11110", "T": "11111 00100 00100 00100 00100",
+    "U": "10001 10001 10001 10001 01110", "V": "10001 10001 10001 01010 00100",
+    "W": "10001 10001 10101 11011 10001", "X": "10001 01010 00100 01010 10001",
+    "Y": "10001 01010 00100 00100 00100", "Z": "11111 00010 00100 01000 11111",
+    "0": "01110 10011 10101 11001 01110", "1": "00100 01100 00100 00100 01110",
+    "2": "11110 00001 01110 10000 11111", "3": "11110 00001 00110 00001 11110",
+    "4": "10010 10010 11111 00010 00010", "5": "11111 10000 11110 00001 11110",
+    "6": "01110 10000 11110 10001 01110", "7": "11111 00001 00010 00100 00100",
+    "8": "01110 10001 01110 10001 01110", "9": "01110 10001 01111 00001 01110",
+    "-": "00000 00000 11111 00000 00000",
+}
+
+
+def _big_text(text):
+    # type: (str) -> Optional[str]
+    """``text`` in 3 lines of half blocks, or None when a glyph is missing."""
+    if not text or any(c not in _BIG_FONT for c in text.upper()) or len(text) > 14:
+        return None
+    glyphs = [_BIG_FONT[c].split() for c in text.upper()]
+    rows = [[bit == "1" for glyph in glyphs for bit in glyph[r] + "0"] for r in range(5)]
+    rows.append([False] * len(rows[0]))
+    lines = []
+    for top, bottom in zip(rows[0::2], rows[1::2]):
+        lines.append("    " + "".join(" \u2580\u2584\u2588"[a + 2 * b] for a, b in zip(top, bottom)).rstrip())
+    return "\n".join(lines)
+
+
+def _unicode_ok(stream):
+    # type: (Any) -> bool
+    encoding = (getattr(stream, "encoding", None) or "ascii").lower().replace("-", "").replace("_", "")
+    return encoding in ("utf8", "utf16", "utf32", "cp65001")
+
+
 def _show_flow(console, flow, args, show_qr):
     # type: (_Console, DeviceFlow, Dict[str, Any], bool) -> None
     uri = flow.verification_uri_complete or flow.verification_uri or ""
@@ -2056,6 +2103,10 @@ def _show_flow(console, flow, args, show_qr):
         console.info("and check that the page shows the code   %s" % code)
     else:
         console.info("and enter the code   %s" % code)
+    big = _big_text(code) if console.isatty() and _unicode_ok(console.stream or sys.stderr) else None
+    if big:
+        console.info("")
+        console.info(big)
     _show_qr(console, uri, show_qr)
     console.info("")
     console.info("The code expires in %s. Waiting for approval (Ctrl-C to cancel)..." % _duration(flow.expires_in))

@@ -788,6 +788,51 @@ def test_cli_internal_error_is_one_line_exit_1(cli, monkeypatch, store_path):
     assert result.code == 1 and "Traceback" in result.err
 
 
+def test_cli_big_user_code_round_trips():
+    text = "".join(sorted(sca._BIG_FONT))
+    for chunk in (text[i:i + 10] for i in range(0, len(text), 10)):
+        drawing = sca._big_text(chunk).splitlines()
+        assert len(drawing) == 3
+        width = 6 * len(chunk)
+        cells = [line[4:].ljust(width) for line in drawing]
+        halves = {" ": (0, 0), "\u2580": (1, 0), "\u2584": (0, 1), "\u2588": (1, 1)}
+        rows = [[halves[c][half] for c in line] for line in cells for half in (0, 1)]
+        for index, char in enumerate(chunk):
+            glyph = ["".join(str(rows[r][6 * index + col]) for col in range(5)) for r in range(5)]
+            assert " ".join(glyph) == sca._BIG_FONT[char], char
+            assert all(rows[r][6 * index + 5] == 0 for r in range(6))
+    assert sca._big_text("ab~c") is None and sca._big_text("") is None
+
+
+def test_cli_login_screen_on_a_terminal(cli, server, store_path):
+    server.interval, server.approve_after = 1, 3
+    result = cli("--url", server.base, "login", "--no-qr", tty=True)
+    assert result.code == 0, result
+    user_code = list(server.devices.values())[0]["user_code"]
+    assert sca._big_text(user_code[:4] + "-" + user_code[4:]) in result.err
+    assert "\r  9:5" in result.err  # the live countdown
+    plain = cli("--url", server.base, "login", "--force", "--no-qr")
+    assert "\r" not in plain.err and "\u2588" not in plain.err  # no countdown, no big type off a terminal
+
+
+def test_cli_login_screen_ascii_terminal_has_no_block_glyphs(cli, server, store_path):
+    server.interval, server.approve_after = 1, 1
+    result = cli("--url", server.base, "login", "--no-qr", tty=True, encoding="ascii")
+    assert result.code == 0, result
+    assert "\u2588" not in result.err
+
+
+def test_cli_login_open_uses_webbrowser(cli, server, store_path, monkeypatch):
+    import webbrowser
+
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", lambda uri: opened.append(uri) or True)
+    server.interval, server.approve_after = 1, 1
+    assert cli("--url", server.base, "login", "--no-qr", "--open").code == 0
+    user_code = list(server.devices.values())[0]["user_code"]
+    assert opened == [server.base.replace("http://", "http://") + "/consent/openid/device-authorization?user_code=" + user_code]
+
+
 # ==== real subprocesses: every command at least once =======================
 
 
