@@ -75,6 +75,7 @@ class FakeStandCloud(object):
         self.access_tokens = {}  # token -> {"family", "active", "expires"}
         self.approve_after = None  # approve automatically at this poll number
         self.refresh_delay = 0.0  # real seconds a refresh takes (storms)
+        self.slow_downs = 0  # slow_down answers sent
         self.httpd = None
         self.base = None
 
@@ -263,6 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
             early = state["last"] + fake.interval > now
             state["last"] = now  # Authelia restarts its timer even on slow_down
             if early:
+                fake.slow_downs += 1
                 return _oauth_error("slow_down")
             state["polls"] += 1
             if fake.approve_after is not None and state["polls"] >= fake.approve_after and state["status"] == "pending":
