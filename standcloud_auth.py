@@ -1658,7 +1658,533 @@ class StandCloudAuth(object):
 
 
 # ==== §10 QR code ============================================================
-# (placeholder until the encoder lands)
+# A QR code of the verification URI, drawn as text, so that a phone camera
+# can open the page. Self-contained: bytes in, module matrix out, then text.
+# Byte mode only, levels M and L, versions 1-40. Each step is one small
+# function that cites its clause of ISO/IEC 18004:2015 (as "18004 §x").
+
+_QR_MAX_BYTES = 250  # a verification_uri_complete is far shorter
+
+# 18004 Table 9: error correction per version, for levels L and M.
+# Every block of one level carries the same number of EC codewords.
+#  version  L: EC per block, blocks    M: EC per block, blocks
+_QR_EC_TABLE = (
+    (1, 7, 1, 10, 1), (2, 10, 1, 16, 1), (3, 15, 1, 26, 1),
+    (4, 20, 1, 18, 2), (5, 26, 1, 24, 2), (6, 18, 2, 16, 4),
+    (7, 20, 2, 18, 4), (8, 24, 2, 22, 4), (9, 30, 2, 22, 5),
+    (10, 18, 4, 26, 5), (11, 20, 4, 30, 5), (12, 24, 4, 22, 8),
+    (13, 26, 4, 22, 9), (14, 30, 4, 24, 9), (15, 22, 6, 24, 10),
+    (16, 24, 6, 28, 10), (17, 28, 6, 28, 11), (18, 30, 6, 26, 13),
+    (19, 28, 7, 26, 14), (20, 28, 8, 26, 16), (21, 28, 8, 26, 17),
+    (22, 28, 9, 28, 17), (23, 30, 9, 28, 18), (24, 30, 10, 28, 20),
+    (25, 26, 12, 28, 21), (26, 28, 12, 28, 23), (27, 30, 12, 28, 25),
+    (28, 30, 13, 28, 26), (29, 30, 14, 28, 28), (30, 30, 15, 28, 29),
+    (31, 30, 16, 28, 31), (32, 30, 17, 28, 33), (33, 30, 18, 28, 35),
+    (34, 30, 19, 28, 37), (35, 30, 19, 28, 38), (36, 30, 20, 28, 40),
+    (37, 30, 21, 28, 43), (38, 30, 22, 28, 45), (39, 30, 24, 28, 47),
+    (40, 30, 25, 28, 49),
+)
+
+# 18004 Annex E, Table E.1: row/column coordinates of alignment pattern
+# centres. A pattern sits at every pairing except the three finder corners.
+#  version, centres
+_QR_ALIGN_TABLE = (
+    (1, ()), (2, (6, 18)), (3, (6, 22)), (4, (6, 26)), (5, (6, 30)),
+    (6, (6, 34)), (7, (6, 22, 38)), (8, (6, 24, 42)), (9, (6, 26, 46)),
+    (10, (6, 28, 50)), (11, (6, 30, 54)), (12, (6, 32, 58)),
+    (13, (6, 34, 62)), (14, (6, 26, 46, 66)), (15, (6, 26, 48, 70)),
+    (16, (6, 26, 50, 74)), (17, (6, 30, 54, 78)), (18, (6, 30, 56, 82)),
+    (19, (6, 30, 58, 86)), (20, (6, 34, 62, 90)),
+    (21, (6, 28, 50, 72, 94)), (22, (6, 26, 50, 74, 98)),
+    (23, (6, 30, 54, 78, 102)), (24, (6, 28, 54, 80, 106)),
+    (25, (6, 32, 58, 84, 110)), (26, (6, 30, 58, 86, 114)),
+    (27, (6, 34, 62, 90, 118)), (28, (6, 26, 50, 74, 98, 122)),
+    (29, (6, 30, 54, 78, 102, 126)), (30, (6, 26, 52, 78, 104, 130)),
+    (31, (6, 30, 56, 82, 108, 134)), (32, (6, 34, 60, 86, 112, 138)),
+    (33, (6, 30, 58, 86, 114, 142)), (34, (6, 34, 62, 90, 118, 146)),
+    (35, (6, 30, 54, 78, 102, 126, 150)), (36, (6, 24, 50, 76, 102, 128, 154)),
+    (37, (6, 28, 54, 80, 106, 132, 158)), (38, (6, 32, 58, 84, 110, 136, 162)),
+    (39, (6, 26, 54, 82, 110, 138, 166)), (40, (6, 30, 58, 86, 114, 142, 170)),
+)
+
+# 18004 Table 12: the two error correction level bits of the format info.
+_QR_ECL_BITS = {"L": 0b01, "M": 0b00}
+
+# 18004 Table 10: mask condition per mask number; i = row, j = column.
+# A data module is inverted where the condition holds.
+_QR_MASKS = (
+    lambda i, j: (i + j) % 2 == 0,
+    lambda i, j: i % 2 == 0,
+    lambda i, j: j % 3 == 0,
+    lambda i, j: (i + j) % 3 == 0,
+    lambda i, j: (i // 2 + j // 3) % 2 == 0,
+    lambda i, j: (i * j) % 2 + (i * j) % 3 == 0,
+    lambda i, j: ((i * j) % 2 + (i * j) % 3) % 2 == 0,
+    lambda i, j: ((i + j) % 2 + (i * j) % 3) % 2 == 0,
+)  # type: Tuple[Callable[[int, int], bool], ...]
+
+
+def _qr_gf_tables():
+    # type: () -> Tuple[List[int], List[int]]
+    """Return (exp, log) tables of GF(256) with the 18004 §7.5.2 field
+    polynomial x^8 + x^4 + x^3 + x^2 + 1 (0x11d); exp is doubled in
+    length so exp[log a + log b] needs no modulo."""
+    exp = [0] * 512
+    log = [0] * 256
+    value = 1
+    for power in range(255):
+        exp[power] = value
+        log[value] = power
+        value <<= 1
+        if value & 0x100:
+            value ^= 0x11D
+    for power in range(255, 512):
+        exp[power] = exp[power - 255]
+    return exp, log
+
+
+_QR_GF_EXP, _QR_GF_LOG = _qr_gf_tables()  # 256 steps: negligible at import
+
+
+def _qr_rs_generator(degree):
+    # type: (int) -> List[int]
+    """Coefficients (highest power first, leading 1 dropped) of the
+    18004 §7.5.2 generator polynomial: the product of (x - a^i), i < degree."""
+    poly = [1]
+    for i in range(degree):
+        # Multiply by (x + a^i): subtraction is XOR in GF(2^8).
+        nxt = poly + [0]
+        for k, coef in enumerate(poly):
+            if coef:
+                nxt[k + 1] ^= _QR_GF_EXP[_QR_GF_LOG[coef] + i]
+        poly = nxt
+    return poly[1:]
+
+
+def _qr_rs_product(generator, factor):
+    # type: (List[int], int) -> int
+    """generator(x) * factor as one integer, a byte per coefficient."""
+    if not factor:
+        return 0
+    flog = _QR_GF_LOG[factor]
+    coefs = bytes(_QR_GF_EXP[_QR_GF_LOG[g] + flog] if g else 0
+                  for g in generator)
+    return int.from_bytes(coefs, "big")
+
+
+def _qr_rs_remainder(data, generator, products):
+    # type: (List[int], List[int], Dict[int, int]) -> List[int]
+    """The EC codewords of one block (18004 §7.5.2): the remainder of
+    data(x) * x^degree divided by the generator, by long division in an
+    integer used as a shift register of degree bytes. products caches
+    generator * factor across the blocks of a symbol."""
+    degree = len(generator)
+    top = 8 * (degree - 1)
+    keep = (1 << (8 * degree)) - 1
+    rem = 0
+    for byte in data:
+        factor = byte ^ (rem >> top)
+        if factor not in products:
+            products[factor] = _qr_rs_product(generator, factor)
+        rem = ((rem << 8) & keep) ^ products[factor]
+    return list(rem.to_bytes(degree, "big"))
+
+
+def _qr_raw_modules(version):
+    # type: (int) -> int
+    """Modules left for data and EC bits once the function patterns and
+    the format/version areas are taken (18004 Table 1, column "data
+    modules except", counted here rather than tabulated)."""
+    size = 4 * version + 17
+    # Three finders with separators (8x8 each), both timing patterns,
+    # 2 x 15 format modules and the dark module.
+    used = 3 * 64 + 2 * (size - 16) + 31
+    if version >= 2:
+        n = len(_QR_ALIGN_TABLE[version - 1][1])
+        # 5x5 each, minus the 5 modules each shares with a timing pattern.
+        used += 25 * (n * n - 3) - 10 * (n - 2)
+    if version >= 7:
+        used += 2 * 18  # two 6x3 version information blocks
+    return size * size - used
+
+
+def _qr_data_capacity(version, ecl):
+    # type: (int, str) -> int
+    """Data codewords of a version at a level: all codewords less EC."""
+    row = _QR_EC_TABLE[version - 1]
+    ec, blocks = (row[1], row[2]) if ecl == "L" else (row[3], row[4])
+    return _qr_raw_modules(version) // 8 - ec * blocks
+
+
+def _qr_bits_needed(length, version):
+    # type: (int, int) -> int
+    """Bits of a byte-mode segment: 4-bit mode indicator, the character
+    count (8 bits up to version 9, else 16: 18004 Table 3), the data."""
+    return 4 + (8 if version <= 9 else 16) + 8 * length
+
+
+def _qr_choose(length, ecl, version):
+    # type: (int, Optional[str], Optional[int]) -> Tuple[int, str]
+    """Smallest version (or the one given) that holds length bytes, at
+    level M, falling back to L only when M cannot hold them."""
+    levels = ["M", "L"] if ecl is None else [ecl]
+    versions = list(range(1, 41)) if version is None else [version]
+    for level in levels:
+        if level not in _QR_ECL_BITS:
+            raise ValueError("QR level must be 'L' or 'M'")
+        for ver in versions:
+            if not 1 <= ver <= 40:
+                raise ValueError("QR version must be 1 to 40")
+            room = 8 * _qr_data_capacity(ver, level)
+            if _qr_bits_needed(length, ver) <= room:
+                return ver, level
+    raise ValueError(f"{length} bytes do not fit a QR code here")
+
+
+def _qr_data_codewords(data, version, capacity):
+    # type: (bytes, int, int) -> List[int]
+    """18004 §7.4: byte-mode bit stream, terminator, padding to capacity."""
+    count_bits = 8 if version <= 9 else 16
+    bits = "0100" + format(len(data), f"0{count_bits}b")
+    bits += "".join(format(byte, "08b") for byte in data)
+    # §7.4.9: a terminator of up to four 0 bits, then 0s to a byte boundary.
+    bits += "0" * min(4, 8 * capacity - len(bits))
+    bits += "0" * (-len(bits) % 8)
+    words = [int(bits[k:k + 8], 2) for k in range(0, len(bits), 8)]
+    # §7.4.10: fill the rest with the pad codewords 11101100 and 00010001.
+    pads = (0xEC, 0x11)
+    words += [pads[k % 2] for k in range(capacity - len(words))]
+    return words
+
+
+def _qr_interleave(words, version, ecl):
+    # type: (List[int], int, str) -> List[int]
+    """18004 §7.5.2 and §7.6: split the data into blocks (the shorter
+    blocks first, the longer ones one codeword more), add each block's EC,
+    then take the data column by column, then the EC likewise."""
+    row = _QR_EC_TABLE[version - 1]
+    ec, nblocks = (row[1], row[2]) if ecl == "L" else (row[3], row[4])
+    short_len = len(words) // nblocks
+    nlong = len(words) % nblocks
+    generator = _qr_rs_generator(ec)
+    products = {}  # type: Dict[int, int]
+    blocks = []  # type: List[List[int]]
+    ecs = []  # type: List[List[int]]
+    start = 0
+    for b in range(nblocks):
+        end = start + short_len + (1 if b >= nblocks - nlong else 0)
+        blocks.append(words[start:end])
+        ecs.append(_qr_rs_remainder(words[start:end], generator, products))
+        start = end
+    out = []  # type: List[int]
+    for k in range(short_len + 1):
+        out.extend(block[k] for block in blocks if k < len(block))
+    for k in range(ec):
+        out.extend(e[k] for e in ecs)
+    return out
+
+
+def _qr_bch(value, poly, degree):
+    # type: (int, int, int) -> int
+    """value followed by its BCH remainder: value * x^degree mod poly."""
+    rem = value << degree
+    for shift in range(rem.bit_length() - poly.bit_length(), -1, -1):
+        if rem & (1 << (shift + poly.bit_length() - 1)):
+            rem ^= poly << shift
+    return (value << degree) | rem
+
+
+def _qr_format_bits(ecl, mask):
+    # type: (str, int) -> int
+    """18004 §7.9.1: BCH(15,5) of level and mask, generator 0x537,
+    XORed with 0x5412 so that no format string is all zeros."""
+    return _qr_bch((_QR_ECL_BITS[ecl] << 3) | mask, 0x537, 10) ^ 0x5412
+
+
+def _qr_version_bits(version):
+    # type: (int) -> int
+    """18004 §7.10: BCH(18,6) of the version number, generator 0x1f25."""
+    return _qr_bch(version, 0x1F25, 12)
+
+
+def _qr_draw_finder(modules, reserved, top, left):
+    # type: (List[List[bool]], List[List[bool]], int, int) -> None
+    """18004 §6.3.3 finder (7x7: dark ring, light ring, 3x3 dark core)
+    with its §6.3.4 light separator, clipped at the symbol's edge."""
+    size = len(modules)
+    for i in range(-1, 8):
+        for j in range(-1, 8):
+            r, c = top + i, left + j
+            if 0 <= r < size and 0 <= c < size:
+                ring = max(abs(i - 3), abs(j - 3))  # 0 centre .. 4 separator
+                modules[r][c] = ring in (0, 1, 3)
+                reserved[r][c] = True
+
+
+def _qr_function_patterns(version):
+    # type: (int) -> Tuple[List[List[bool]], List[List[bool]]]
+    """The symbol with every function pattern drawn, and the map of
+    modules that data must skip (format and version areas included)."""
+    size = 4 * version + 17
+    modules = [[False] * size for _ in range(size)]
+    reserved = [[False] * size for _ in range(size)]
+    for top, left in ((0, 0), (0, size - 7), (size - 7, 0)):
+        _qr_draw_finder(modules, reserved, top, left)
+    # §6.3.5 timing patterns: row 6 and column 6 alternate, dark on even.
+    for k in range(8, size - 8):
+        modules[6][k] = modules[k][6] = k % 2 == 0
+        reserved[6][k] = reserved[k][6] = True
+    centres = _QR_ALIGN_TABLE[version - 1][1]
+    corners = {(6, 6), (6, size - 7), (size - 7, 6)}
+    for r in centres:
+        for c in centres:
+            if (r, c) in corners:
+                continue  # §6.3.6: no alignment pattern over a finder
+            for i in range(-2, 3):
+                for j in range(-2, 3):
+                    modules[r + i][c + j] = max(abs(i), abs(j)) != 1
+                    reserved[r + i][c + j] = True
+    # §7.9.1: format areas beside the finders, and the dark module.
+    for k in range(9):
+        reserved[8][k] = reserved[k][8] = True
+    for k in range(8):
+        reserved[8][size - 1 - k] = reserved[size - 1 - k][8] = True
+    modules[size - 8][8] = True
+    if version >= 7:  # §7.10: two 6x3 version blocks
+        for k in range(18):
+            reserved[k // 3][size - 11 + k % 3] = True
+            reserved[size - 11 + k % 3][k // 3] = True
+    return modules, reserved
+
+
+def _qr_place_data(modules, reserved, codewords):
+    # type: (List[List[bool]], List[List[bool]], List[int]) -> None
+    """18004 §7.7.3: bits go most significant first into two-column
+    strips from the bottom-right corner, up then down alternately,
+    skipping function modules and the vertical timing column; leftover
+    remainder bits stay 0 (light) and are masked like data."""
+    size = len(modules)
+    cells = []  # type: List[Tuple[int, int]]
+    for pair, right in enumerate(range(size - 1, 0, -2)):
+        if right <= 6:
+            right -= 1  # left of the timing column the pairs shift by one
+        rows = range(size - 1, -1, -1) if pair % 2 == 0 else range(size)
+        cells += [(r, c) for r in rows for c in (right, right - 1)
+                  if not reserved[r][c]]
+    bits = "".join(format(w, "08b") for w in codewords)
+    for (r, c), bit in zip(cells, bits):
+        modules[r][c] = bit == "1"
+
+
+def _qr_draw_info(modules, ecl, mask, version):
+    # type: (List[List[bool]], str, int, int) -> None
+    """Write format information (18004 §7.9.1; bit 0 is the least
+    significant) in both copies, and version information (§7.10) in both
+    blocks from version 7 on."""
+    size = len(modules)
+    fmt = _qr_format_bits(ecl, mask)
+    bits = [(fmt >> k) & 1 == 1 for k in range(15)]
+    # Copy 1 wraps the top-left finder, skipping the timing modules.
+    spots = [(k, 8) for k in range(6)] + [(7, 8), (8, 8), (8, 7)]
+    spots += [(8, 14 - k) for k in range(9, 15)]
+    # Copy 2 is split: bits 0-7 along row 8 under the top-right finder,
+    # from the right edge; bits 8-14 down column 8 beside the bottom-left
+    # finder, below the dark module.
+    spots += [(8, size - 1 - k) for k in range(8)]
+    spots += [(size - 15 + k, 8) for k in range(8, 15)]
+    for n, (r, c) in enumerate(spots):
+        modules[r][c] = bits[n % 15]
+    if version >= 7:
+        ver = _qr_version_bits(version)
+        for k in range(18):
+            dark = (ver >> k) & 1 == 1
+            modules[k // 3][size - 11 + k % 3] = dark
+            modules[size - 11 + k % 3][k // 3] = dark
+
+
+_QR_BITS = bytes.maketrans(b"\x00\x01", b"01")  # bools as b"0"/b"1"
+
+
+def _qr_line_ints(lines):
+    # type: (List[List[bool]]) -> List[int]
+    """Each line of modules as an integer, first module the highest bit:
+    the penalty rules then run as bit operations, not Python loops."""
+    return [int(bytes(line).translate(_QR_BITS), 2) for line in lines]
+
+
+def _qr_masked_rows(rows, free, size, mask):
+    # type: (List[int], List[int], int, int) -> List[int]
+    """Rows (as from _qr_line_ints) with mask applied to the data modules
+    only (18004 §7.8.2): free has a 1 bit for each data module. Every
+    mask repeats every 12 rows and columns, so one 12x12 tile builds it."""
+    cond = _QR_MASKS[mask]
+    tile = ["".join("1" if cond(i, j) else "0" for j in range(12))
+            for i in range(12)]
+    reps = size // 12 + 1
+    return [row ^ (int((tile[i % 12] * reps)[:size], 2) & free[i])
+            for i, row in enumerate(rows)]
+
+
+def _qr_ones(value):
+    # type: (int) -> int
+    """Number of 1 bits (int.bit_count is 3.10+)."""
+    return bin(value).count("1")
+
+
+def _qr_pack(lines):
+    # type: (List[str]) -> Tuple[int, int, int, int]
+    """Lay lines of '0'/'1' (light/dark) side by side in one integer, so
+    that each penalty rule is a few big-integer operations instead of a
+    Python loop per module. Each line gets 4 light modules on both sides:
+    the quiet zone, which N3 counts as light; 8 between two lines keep
+    every pattern inside its line. Return (dark, light, pairs, width):
+    pairs has bit p set where modules p and p + 1 are in the same line."""
+    n = len(lines[0])
+    dark = int("".join("0000" + line + "0000" for line in lines), 2)
+    light = ~dark & ((1 << (len(lines) * (n + 8))) - 1)
+    pairs = int(("00000" + "1" * (n - 1) + "0000") * len(lines), 2)
+    return dark, light, pairs, n + 8
+
+
+def _qr_penalty_lines(lines):
+    # type: (List[str]) -> int
+    """N1 and N3 of 18004 §7.8.3.1 along the given rows or columns."""
+    dark, light, pairs, _ = _qr_pack(lines)
+    # N1: a run of 5 + i modules of one colour scores 3 + i. same marks a
+    # module equal to its neighbour, run4 the first of 5 equal in a row;
+    # a run of length L sets L - 4 bits of run4, plus 2 for each run.
+    same = ~(dark ^ (dark >> 1)) & pairs
+    run4 = same & (same >> 1) & (same >> 2) & (same >> 3)
+    score = _qr_ones(run4) + 2 * _qr_ones(run4 & ~(run4 >> 1))
+    # N3: dark-light-dark-dark-dark-light-dark (1:1:3:1:1, a palindrome,
+    # so bit order does not matter) with 4 light modules on either side
+    # scores 40, counted once when both sides are light.
+    core = (dark & (light >> 1) & (dark >> 2) & (dark >> 3) & (dark >> 4)
+            & (light >> 5) & (dark >> 6))
+    quiet4 = light & (light >> 1) & (light >> 2) & (light >> 3)
+    return score + 40 * _qr_ones(core & ((quiet4 >> 7) | (quiet4 << 4)))
+
+
+def _qr_penalty_rows(rows, n):
+    # type: (List[int], int) -> int
+    """The 18004 §7.8.3.1 penalty (N1 + N2 + N3 + N4) of an n x n symbol
+    given as row integers (as from _qr_line_ints)."""
+    text = [format(row, f"0{n}b") for row in rows]
+    score = _qr_penalty_lines(text + ["".join(col) for col in zip(*text)])
+    # N2: every 2x2 block of one colour scores 3 (blocks may overlap).
+    # Shifting by a line's width lines each row up with the row above it.
+    dark, light, pairs, width = _qr_pack(text)
+    pairs &= (1 << (width * (n - 1))) - 1  # the first row has none above
+    for colour in (dark, light):
+        square = colour & (colour >> width)
+        score += 3 * _qr_ones(square & (square >> 1) & pairs)
+    # N4: 10 for each full 5 % step the dark share lies away from 50 %.
+    total = n * n
+    return score + 10 * (abs(20 * _qr_ones(dark) - 10 * total) // total)
+
+
+def _qr_penalty(modules):
+    # type: (List[List[bool]]) -> int
+    """Mask penalty (N1 + N2 + N3 + N4, 18004 §7.8.3.1) of a symbol."""
+    return _qr_penalty_rows(_qr_line_ints(modules), len(modules))
+
+
+def _qr_encode(data,  # type: bytes
+               ecl=None,  # type: Optional[str]
+               version=None,  # type: Optional[int]
+               mask=None,  # type: Optional[int]
+               ):
+    # type: (...) -> Tuple[List[List[bool]], int, str, int]
+    """Encode data as a byte-mode QR code.
+
+    Return (modules, version, ecl, mask): modules is the square matrix
+    without quiet zone, True = dark. By default the smallest version at
+    level M, or at L when M cannot hold the data, and the mask with the
+    lowest penalty (ties: the lowest number). ecl, version and mask force
+    a choice (tests compare with other encoders through them). Raise
+    ValueError for more than _QR_MAX_BYTES bytes or data that cannot fit.
+    """
+    if len(data) > _QR_MAX_BYTES:
+        raise ValueError(f"QR data is {len(data)} bytes; "
+                         f"at most {_QR_MAX_BYTES} fit here")
+    if mask is not None and not 0 <= mask <= 7:
+        raise ValueError("QR mask must be 0 to 7")
+    version, ecl = _qr_choose(len(data), ecl, version)
+    words = _qr_data_codewords(data, version, _qr_data_capacity(version, ecl))
+    modules, reserved = _qr_function_patterns(version)
+    _qr_place_data(modules, reserved, _qr_interleave(words, version, ecl))
+    size = len(modules)
+    free = _qr_line_ints([[not r for r in row] for row in reserved])
+    best = (-1, -1, [])  # type: Tuple[int, int, List[int]]
+    for candidate in range(8) if mask is None else [mask]:
+        # §7.8.3: score each mask on the finished symbol, format (and
+        # version) information included, as a reader sees it. (§7.1 adds
+        # format information after masking and encoders differ here; any
+        # mask gives a valid symbol. This way _qr_penalty of the result
+        # reproduces the choice.)
+        _qr_draw_info(modules, ecl, candidate, version)
+        rows = _qr_masked_rows(_qr_line_ints(modules), free, size, candidate)
+        score = _qr_penalty_rows(rows, size) if mask is None else 0
+        if best[1] < 0 or score < best[0]:
+            best = (score, candidate, rows)
+    matrix = [[ch == "1" for ch in format(row, f"0{size}b")]
+              for row in best[2]]
+    return matrix, version, ecl, best[1]
+
+
+def _qr_ascii_line(row, color):
+    # type: (List[bool], bool) -> str
+    """One module row as '##' (dark) and '  ' (light). With color, black
+    '#' on a black background for dark and a white background for light,
+    so that every module is a solid cell, as a camera needs."""
+    if not color:
+        return "".join("  " if light else "##" for light in row)
+    line = "\x1b[30;47m"
+    before = True
+    for light in row:
+        if light != before:
+            line += "\x1b[47m" if light else "\x1b[40m"
+            before = light
+        line += "  " if light else "##"
+    return line + "\x1b[0m"
+
+
+def _qr_render(modules, unicode, color=False):
+    # type: (List[List[bool]], bool, bool) -> str
+    """Draw a symbol as text with a 4-module quiet zone (18004 §6.3.8).
+
+    unicode=True: half blocks, two module rows per line, LIGHT modules
+    drawn as the glyph ('█' '▀' '▄') and dark ones as ' '. A glyph shows
+    in the terminal's foreground colour, so plain output has the right
+    polarity on the usual dark-background terminal and is inverted on a
+    light one. unicode=False: '##' for dark and '  ' for light, one line
+    per row: right polarity on a light background, but '#' is no solid
+    cell, so cameras rarely read it plain.
+
+    color=True paints explicitly with ANSI SGR colours (the 8 basic ones,
+    which every colour terminal has): half blocks white on black, ASCII
+    cells black or white, quiet zone included. The code then scans on a
+    dark and a light terminal alike. Each line ends with a reset, so no
+    colour leaks past it; the text without the SGR codes is the plain one.
+    """
+    width = len(modules) + 8
+    # grid: True for LIGHT modules, quiet zone included.
+    quiet = [True] * width
+    grid = [quiet] * 4 + [[True] * 4 + [not m for m in row] + [True] * 4
+                          for row in modules] + [quiet] * 4
+    if not unicode:
+        lines = [_qr_ascii_line(row, color) for row in grid]
+        return "\n".join(lines) + "\n"
+    grid.append(quiet)  # odd row count: the last line's lower half
+    glyphs = {(True, True): "\u2588", (True, False): "\u2580",
+              (False, True): "\u2584", (False, False): " "}
+    lines = ["".join(glyphs[pair] for pair in zip(top, bottom))
+             for top, bottom in zip(grid[0::2], grid[1::2])]
+    if color:
+        lines = ["\x1b[37;40m" + line + "\x1b[0m" for line in lines]
+    return "\n".join(lines) + "\n"
+
+
 # ==== §10 end ================================================================
 
 
