@@ -2550,7 +2550,7 @@ def _show_qr(console, uri, wanted):
         console.info("(The address is too long for a QR code; type it instead.)")
         return
     unicode_ok = _unicode_ok(console.stream or sys.stderr)
-    console.info(_qr_render(modules, unicode_ok, console.isatty()))  # type: ignore[name-defined]
+    console.info(_qr_render(modules, unicode_ok, console.isatty()).rstrip("\n"))
 
 
 def _qr_wanted(args, console):
