@@ -57,6 +57,7 @@ __all__ = [
     "ServerError",
     "StandCloudAuth",
     "StandCloudError",
+    "Tokens",
     "main",
 ]
 
@@ -430,9 +431,10 @@ class _Console(object):
         if not self.quiet:
             self._write(text + "\n")
 
-    def warn(self, text):
-        # type: (str) -> None
-        if not self.quiet:
+    def warn(self, text, always=False):
+        # type: (str, bool) -> None
+        """A warning; ``always`` for security warnings that -q must not hide."""
+        if always or not self.quiet:
             self._write("%s: warning: %s\n" % (PROG, text))
 
     def debug(self, text):
@@ -1002,6 +1004,12 @@ class _Transport(object):
                 return self.do_open(connection(http.client.HTTPConnection), req)
 
         class HTTPSHandler(urllib.request.HTTPSHandler):
+            def __init__(self):
+                # type: () -> None
+                # Since 3.12 HTTPSHandler() builds (and loads) a default SSL
+                # context, ~30 ms per request; ours is made once, in ssl_context().
+                urllib.request.AbstractHTTPHandler.__init__(self)
+
             def https_open(self, req):
                 # type: (Any) -> Any
                 return self.do_open(connection(http.client.HTTPSConnection, context=transport.ssl_context()), req)
@@ -1392,7 +1400,8 @@ class StandCloudAuth(object):
             timeout = _parse_timeout(timeout, "timeout")
         self._transport = _Transport(timeout, ca_file or env.get(ENV_CA_FILE) or None, insecure, self._console)
         if insecure:
-            self._console.warn("TLS certificates are not verified (--insecure): anyone on the network can read the tokens")
+            self._console.warn("TLS certificates are not verified (--insecure): anyone on the network can read the tokens",
+                               always=True)
         self._url = self._resolve_url(url or env.get(ENV_URL))
         if self._url is not None:
             _check_http_policy(self._url, env)
