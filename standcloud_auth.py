@@ -274,7 +274,8 @@ def normalize_url(url):
         port = netloc.rsplit(":", 1)[1]
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise bad
-    return "%s://%s%s" % (scheme, netloc.lower(), path.rstrip("/"))
+    # One spelling per server, so the store has one entry per server.
+    return _origin("%s://%s" % (scheme, netloc)) + path.rstrip("/")
 
 
 def _is_loopback(host):

@@ -40,6 +40,9 @@ def assert_one_error(result, code):
     ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
     ("https://host/prefix/", "https://host/prefix"),
     ("https://[::1]:8443", "https://[::1]:8443"),
+    ("https://host:443/", "https://host"),
+    ("http://localhost:80", "http://localhost"),
+    ("http://localhost:443", "http://localhost:443"),
 ])
 def test_utilities_normalize_url(given, expected):
     assert sca.normalize_url(given) == expected
