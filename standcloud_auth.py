@@ -113,12 +113,14 @@ class StandCloudError(Exception):
     """
 
     exit_code = 1
+    default_hint = None  # type: Optional[str]
 
     def __init__(self, message, hint=None):
         # type: (str, Optional[str]) -> None
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        # Contract (output rule): every error says what to do next.
+        self.hint = hint if hint is not None else self.default_hint
 
     def __str__(self):
         # type: () -> str
@@ -141,6 +143,7 @@ class AuthError(StandCloudError):
     """
 
     exit_code = 3
+    default_hint = "run '%s login'" % PROG
 
     def __init__(self, message, hint=None, error=None, description=None):
         # type: (str, Optional[str], Optional[str], Optional[str]) -> None
@@ -161,6 +164,7 @@ class NetworkError(StandCloudError):
     """DNS, refused, reset, timeout or TLS failure (exit 4)."""
 
     exit_code = 4
+    default_hint = "check the network and try again"
 
 
 class ServerError(StandCloudError):
@@ -170,6 +174,7 @@ class ServerError(StandCloudError):
     """
 
     exit_code = 5
+    default_hint = "check the StandCloud URL, or try again later (-v shows each request)"
 
     def __init__(self, message, hint=None, status=None, body=None):
         # type: (str, Optional[str], Optional[int], Optional[bytes]) -> None
@@ -697,9 +702,9 @@ class TokenStore(object):
             return None
         return target
 
-    def lock(self, timeout=LOCK_TIMEOUT):
-        # type: (float) -> _StoreLock
-        return _StoreLock(self, timeout)
+    def lock(self, timeout=None):
+        # type: (Optional[float]) -> _StoreLock
+        return _StoreLock(self, LOCK_TIMEOUT if timeout is None else timeout)
 
 
 class _StoreLock(object):
@@ -722,7 +727,7 @@ class _StoreLock(object):
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise ConfigError(
-                    "another standcloud-auth process has held the lock %s for over %d s"
+                    "another standcloud-auth process has held the lock %s for over %g s"
                     % (self.store.lock_path, self.timeout),
                     "check for a stuck process, then try again",
                 )
