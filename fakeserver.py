@@ -30,6 +30,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import standcloud_auth as sca
 
+CONSENT_PATH = "/consent/openid/device-authorization"  # Authelia's verification page
+_PAGE = (b"<!doctype html><title>Fake StandCloud</title><form method=post>"
+         b"<p>Code <input name=user_code value='%s'></p>"
+         b"<button name=decision value=allow>Allow</button> "
+         b"<button name=decision value=deny>Deny</button></form><p>%s</p>")
+
 
 class FakeClock(object):
     """Monotonic and wall clocks that only move when something sleeps."""
@@ -80,13 +86,13 @@ class FakeStandCloud(object):
         self.base = None
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self, ssl_context=None):
+    def start(self, ssl_context=None, port=0):
         server = self
 
         class Handler(_Handler):
             fake = server
 
-        self.httpd = _ThreadingServer(("127.0.0.1", 0), Handler)
+        self.httpd = _ThreadingServer(("127.0.0.1", port), Handler)
         if ssl_context is not None:
             self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
         scheme = "https" if ssl_context is not None else "http"
@@ -214,6 +220,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _behave(self, path, form):
         fake = self.fake
+        if path == CONSENT_PATH:
+            return self._consent(form)
         if path == sca.DEVICE_PATH and self.command == "POST":
             return self._device(form)
         if path == sca.TOKEN_PATH and self.command == "POST":
@@ -247,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
         with fake.lock:
             fake.devices[device_code] = {"user_code": user_code, "status": "pending", "last": fake.clock(),
                                          "expires": fake.clock() + fake.expires_in, "polls": 0}
-        page = "http://127.0.0.1:%d/consent/openid/device-authorization" % self.server.server_address[1]
+        page = "http://127.0.0.1:%d%s" % (self.server.server_address[1], CONSENT_PATH)
         return _ok({"device_code": device_code, "user_code": user_code, "verification_uri": page,
                     "verification_uri_complete": page + "?user_code=" + user_code,
                     "expires_in": fake.expires_in - 1, "interval": fake.interval})
@@ -300,3 +308,47 @@ class _Handler(BaseHTTPRequestHandler):
                 return _ok(body)
             fake._revoke_family(family)  # rotation: old refresh and access tokens die
             return _ok(fake._issue(family))
+
+    def _consent(self, form):
+        """The person's side, for trying the CLI by hand: a form that
+        approves or denies a user code."""
+        query = parse_qs(urlsplit(self.path).query)
+        code = form.get("user_code") or (query.get("user_code") or [""])[0]
+        code = code.replace("-", "").upper()
+        note = b""
+        if self.command == "POST":
+            known = any(state["user_code"] == code for state in self.fake.devices.values())
+            self.fake.approve(code, deny=form.get("decision") == "deny")
+            note = (b"Done: " + form.get("decision", "").encode("ascii", "replace")) if known else b"Unknown code."
+        safe = "".join(c for c in code if c.isalnum()).encode("ascii", "replace")
+        return 200, {"Content-Type": "text/html; charset=utf-8"}, _PAGE % (safe, note)
+
+
+def main(argv=None):
+    """Run the fake StandCloud by hand: ``python fakeserver.py [--port N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A fake StandCloud for trying standcloud-auth by hand.")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--interval", type=int, default=2, help="device-flow poll interval in seconds")
+    parser.add_argument("--approve-after", type=int, metavar="POLLS",
+                        help="approve every login by itself at this poll (default: approve in the browser)")
+    args = parser.parse_args(argv)
+    fake = FakeStandCloud()
+    fake.interval, fake.approve_after = args.interval, args.approve_after
+    fake.start(port=args.port)
+    print("Fake StandCloud at %s (Ctrl-C stops it)" % fake.base, flush=True)
+    print("Log in:  python standcloud_auth.py --url %s login" % fake.base, flush=True)
+    print("Approve: open the address it shows in a browser and press Allow", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -836,6 +836,19 @@ def test_cli_login_open_uses_webbrowser(cli, server, store_path, monkeypatch):
     assert opened == [server.base.replace("http://", "http://") + "/consent/openid/device-authorization?user_code=" + user_code]
 
 
+def test_fake_server_consent_page_approves_by_hand(server, store_path):
+    # fakeserver.py doubles as a server to try the CLI on: its page approves.
+    from urllib.request import urlopen
+
+    auth, flow = start(server)
+    with urlopen(flow.verification_uri_complete) as page:
+        assert flow.user_code.encode() in page.read()
+    form = ("user_code=%s&decision=allow" % flow.user_code).encode()
+    with urlopen(flow.verification_uri, data=form) as page:
+        assert b"Done: allow" in page.read()
+    assert auth.wait_for_login(flow).access_token.startswith("authelia_at_")
+
+
 # ==== real subprocesses: every command at least once =======================
 
 
