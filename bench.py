@@ -49,7 +49,7 @@ def run_measured(argv, env, cwd):
     if hasattr(os, "wait4"):
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8
+        proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8  # novm
         # ru_maxrss: KiB on Linux, bytes on macOS.
         peak = usage.ru_maxrss / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
     else:  # pragma: no cover - Windows

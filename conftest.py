@@ -86,6 +86,28 @@ def entry_for(tokens, now, **overrides):
     return entry
 
 
+def error_lines(err):
+    """The contract's error lines in a stderr text."""
+    return [line for line in err.splitlines() if line.startswith("standcloud-auth: error:")]
+
+
+def assert_one_error(result, code):
+    """Exit ``code``, exactly one error line, no traceback."""
+    assert result.code == code, result
+    assert len(error_lines(result.err)) == 1, result.err
+    assert "Traceback" not in result.err
+
+
+def log_in(server, store_path, now, base=None, others=None, **overrides):
+    """Store a live token pair for ``base`` (default: the server's URL),
+    beside ``others``' entries."""
+    tokens = server.issue()
+    servers = dict(others or {})
+    servers[base or server.base] = entry_for(tokens, now, **overrides)
+    write_store(store_path, servers)
+    return tokens
+
+
 class Result(object):
     def __init__(self, code, out, err):
         self.code, self.out, self.err = code, out, err
@@ -135,7 +157,8 @@ def run_cli(*argv, **kwargs):
     timeout = kwargs.pop("timeout", 30)
     stdin = kwargs.pop("stdin", b"")
     cmd = [sys.executable, MODULE] + list(argv)
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=kwargs.pop("cwd", None))
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=kwargs.pop("cwd", None))
     try:
         out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -43,7 +43,7 @@ import time
 # checkers treat the name TYPE_CHECKING as true, the interpreter does not.
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
+    from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Tuple  # noqa: F401 (type comments)
 
 __version__ = "0.1.0"
 
@@ -209,7 +209,7 @@ def _sleep(seconds):
 
 
 def _env_flag(name, environ):
-    # type: (str, Dict[str, str]) -> Optional[bool]
+    # type: (str, Mapping[str, str]) -> Optional[bool]
     """Read a 0/1 environment switch; None when unset or empty."""
     raw = environ.get(name, "").strip().lower()
     if not raw:
@@ -355,7 +355,7 @@ def _loads(data, what):
             return json.loads(text, parse_constant=_JSONContext.parse_constant)
         start = len(text) - len(text.lstrip(" \t\n\r"))
         try:
-            value, end = make_scanner(_JSONContext)(text, start)
+            value, end = make_scanner(_JSONContext)(text, start)  # type: ignore[arg-type]
         except StopIteration:
             raise ValueError("no JSON value") from None
         if text[end:].strip(" \t\n\r"):
@@ -656,7 +656,8 @@ class TokenStore(object):
 
     def entry(self, url):
         # type: (str) -> Optional[Dict[str, Any]]
-        return self.load()["servers"].get(url)
+        servers = self.load()["servers"]  # type: Dict[str, Dict[str, Any]]
+        return servers.get(url)
 
     def save(self, doc):
         # type: (Dict[str, Any]) -> None
@@ -1358,8 +1359,12 @@ class Tokens(object):
 
     def __init__(self, entry):
         # type: (Dict[str, Any]) -> None
-        for name in self.__slots__:
-            setattr(self, name, entry.get(name))
+        self.access_token = entry["access_token"]  # type: str
+        self.refresh_token = entry.get("refresh_token")  # type: Optional[str]
+        self.token_type = "Bearer"
+        self.expires_at = entry.get("expires_at")  # type: Optional[float]
+        self.scope = entry.get("scope")  # type: Optional[str]
+        self.updated_at = entry.get("updated_at")  # type: Optional[float]
 
     def __repr__(self):
         # type: () -> str
@@ -1418,7 +1423,7 @@ class StandCloudAuth(object):
             return normalize_url(given)
         if self._static is not None:
             return None  # `token` works without a URL; the others ask for one
-        servers = sorted(self._store.load()["servers"])
+        servers = sorted(self._store.load()["servers"])  # type: List[str]
         if len(servers) == 1:
             return servers[0]
         raise ConfigError(
@@ -2281,13 +2286,14 @@ def _parse_args(argv):
             else:
                 args["positional"].append(arg)
             continue
-        spec, value = _find_option(arg, command)
+        spec, attached = _find_option(arg, command)
         flags, dest, metavar = spec[0], spec[1], spec[2]
+        value = attached  # type: Any
         if metavar is None:
-            if value is not None:
+            if attached is not None:
                 raise _usage_error("%s takes no value" % flags[-1], command)
             value = True
-        elif value is None:
+        elif attached is None:
             if i >= len(argv):
                 raise _usage_error("%s needs a value (%s)" % (flags[-1], metavar), command)
             value = argv[i]

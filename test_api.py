@@ -20,7 +20,7 @@ from socketserver import BaseRequestHandler, TCPServer, ThreadingMixIn
 import pytest
 
 import standcloud_auth as sca
-from conftest import MODULE, entry_for, free_port, run_cli, write_store
+from conftest import MODULE, assert_one_error, entry_for, free_port, log_in, run_cli, write_store
 from fakeserver import FakeStandCloud
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,21 +33,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 # ==== helpers ===============================================================
 
 
-def error_lines(err):
-    return [line for line in err.splitlines() if line.startswith("standcloud-auth: error:")]
 
-
-def assert_one_error(result, code):
-    assert result.code == code, result
-    assert len(error_lines(result.err)) == 1, result.err
-    assert "Traceback" not in result.err
-
-
-def log_in(server, store_path, now, base=None, **overrides):
-    """Store a live token pair for ``base`` (default: the server's URL)."""
-    tokens = server.issue()
-    write_store(store_path, {base or server.base: entry_for(tokens, now, **overrides)})
-    return tokens
 
 
 def stored(store_path, base):

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import standcloud_auth as sca
-from conftest import entry_for, write_store
+from conftest import entry_for, error_lines, write_store
 from fakeserver import FakeClock, FakeStandCloud
 
 TIMEOUT = "0.3"  # --timeout for every row: a stall must end in about this
@@ -63,9 +63,6 @@ def server(_running, clock):
     _running.httpd.RequestHandlerClass.fake = fresh
     return fresh
 
-
-def error_lines(err):
-    return [line for line in err.splitlines() if line.startswith("standcloud-auth: error:")]
 
 
 def warning_lines(err):

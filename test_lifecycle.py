@@ -18,7 +18,7 @@ import time
 import pytest
 
 import standcloud_auth as sca
-from conftest import MODULE, entry_for, free_port, run_cli, write_store
+from conftest import MODULE, assert_one_error, entry_for, error_lines, free_port, log_in, run_cli, write_store
 from fakeserver import FakeStandCloud
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,23 +30,7 @@ OTHER = "https://other.standcloud.example"
 # ==== helpers ===============================================================
 
 
-def error_lines(err):
-    return [line for line in err.splitlines() if line.startswith("standcloud-auth: error:")]
 
-
-def assert_one_error(result, code):
-    assert result.code == code, result
-    assert len(error_lines(result.err)) == 1, result.err
-    assert "Traceback" not in result.err
-
-
-def log_in(server, store_path, now, others=None, **overrides):
-    """Store a live token pair for the server (plus ``others``' entries)."""
-    tokens = server.issue()
-    servers = dict(others or {})
-    servers[server.base] = entry_for(tokens, now, **overrides)
-    write_store(store_path, servers)
-    return tokens
 
 
 def other_entry(now):

@@ -15,19 +15,11 @@ import time
 import pytest
 
 import standcloud_auth as sca
-from conftest import MODULE, entry_for, run_cli, write_store
+from conftest import MODULE, assert_one_error, entry_for, log_in, run_cli, write_store
 
 POSIX = sys.platform != "win32"
 
 
-def error_lines(err):
-    return [line for line in err.splitlines() if line.startswith("standcloud-auth: error:")]
-
-
-def assert_one_error(result, code):
-    assert result.code == code, result
-    assert len(error_lines(result.err)) == 1, result.err
-    assert "Traceback" not in result.err
 
 
 # ==== §4 utilities ==========================================================
@@ -145,11 +137,6 @@ def test_platform_default_store_is_used(cli, isolated_env, server):
 # ==== §6 token store ========================================================
 
 
-def login_store(server, store_path, clock):
-    tokens = server.issue()
-    write_store(store_path, {server.base: entry_for(tokens, clock.now())})
-    return tokens
-
 
 @pytest.mark.skipif(not POSIX, reason="POSIX permissions")
 def test_store_private_from_first_byte_under_umask_000(tmp_path, server, clock):
@@ -187,7 +174,7 @@ def test_store_temp_file_is_created_with_0600(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not POSIX, reason="POSIX permissions")
 def test_store_loose_permissions_warned_then_tightened(cli, server, store_path, clock):
-    login_store(server, store_path, clock)
+    log_in(server, store_path, clock.now())
     os.chmod(str(store_path), 0o644)
     result = cli("--url", server.base, "token")
     assert result.code == 0
@@ -650,7 +637,7 @@ def test_cli_login_no_check_skips_healthcheck(cli, server, store_path):
 
 
 def test_cli_login_already_logged_in(cli, server, store_path, clock):
-    login_store(server, store_path, clock)
+    log_in(server, store_path, clock.now())
     result = cli("--url", server.base, "login")
     assert result.code == 0 and "Already logged in" in result.err
     assert server.count(sca.DEVICE_PATH) == 0
@@ -693,7 +680,7 @@ def test_cli_login_ctrl_c_real_process(live_server, tmp_path):
 
 
 def test_cli_status_json(cli, server, store_path, clock):
-    login_store(server, store_path, clock)
+    log_in(server, store_path, clock.now())
     result = cli("--url", server.base, "status", "--json")
     assert result.code == 0
     report = json.loads(result.out)
@@ -705,7 +692,7 @@ def test_cli_status_json(cli, server, store_path, clock):
 
 
 def test_cli_status_human_never_shows_secrets(cli, server, store_path, clock):
-    tokens = login_store(server, store_path, clock)
+    tokens = log_in(server, store_path, clock.now())
     result = cli("status")  # the only server in the store
     assert result.code == 0
     assert server.base in result.out and str(store_path) in result.out
@@ -762,7 +749,7 @@ def test_cli_bad_usage_is_one_line_exit_2(cli, store_path, argv):
 
 
 def test_cli_globals_before_or_after_command(cli, server, store_path, clock):
-    tokens = login_store(server, store_path, clock)
+    tokens = log_in(server, store_path, clock.now())
     assert cli("--url", server.base, "token").out == tokens["access_token"] + "\n"
     assert cli("token", "--url", server.base).out == tokens["access_token"] + "\n"
     assert cli("token", "--url=" + server.base).out == tokens["access_token"] + "\n"

@@ -26,7 +26,7 @@ try:  # Python 3
     from urllib.parse import urlencode, urljoin
     from urllib.request import HTTPCookieProcessor, Request, build_opener
 except ImportError:  # pragma: no cover
-    raise SystemExit("approve.py needs Python 3")
+    raise SystemExit("approve.py needs Python 3") from None
 
 __all__ = ["approve", "ApproveError"]
 
