@@ -45,7 +45,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Tuple  # noqa: F401 (type comments)
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 __all__ = [
     "AuthError",
