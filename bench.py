@@ -42,24 +42,29 @@ RATIO_TARGET = 3.5
 MEMORY_TARGET_MIB = 7.0
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def run_measured(argv, env, cwd):
-    """Wall seconds and peak RSS in MiB (None where the OS cannot say)."""
+    """Wall seconds and peak RSS in MiB (None where it cannot be measured).
+
+    The peak comes from GNU time (``-f %M``) when it is there: a child's own
+    ru_maxrss is useless, because Linux counts the forked parent's pages in
+    it. time's own start adds the same ~1 ms to every command.
+    """
+    rss_file = os.path.join(cwd, "rss.txt")
+    use_time = sys.platform.startswith("linux") and os.access(GNU_TIME, os.X_OK)
+    command = [GNU_TIME, "-f", "%M", "-o", rss_file] + argv if use_time else argv
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if hasattr(os, "wait4"):
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8  # novm
-        # ru_maxrss: KiB on Linux, bytes on macOS.
-        peak = usage.ru_maxrss / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
-    else:  # pragma: no cover - Windows
-        proc.wait()
-        wall, peak = time.perf_counter() - started, None
-    err = proc.stderr.read()
-    proc.stderr.close()
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.communicate()[1]
+    wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit("bench: %s failed (%s): %s" % (" ".join(argv), proc.returncode, err.decode()[-300:]))
-    return wall, peak
+    if not use_time:
+        return wall, None
+    with open(rss_file) as handle:
+        return wall, int(handle.read().split()[-1]) / 1024.0  # KiB
 
 
 def make_venv(python, where):

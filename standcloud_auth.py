@@ -1682,7 +1682,32 @@ class StandCloudAuth(object):
 # can open the page. Self-contained: bytes in, module matrix out, then text.
 # Byte mode only, levels M and L, versions 1-40. Each step is one small
 # function that cites its clause of ISO/IEC 18004:2015 (as "18004 §x").
+#
+# The encoder is kept as source text and compiled on first use, into a
+# module of its own (_qr_module()). `python standcloud_auth.py token` compiles
+# this whole file on every start, and compiling the encoder alone costs about
+# 3 MiB of the 7 MiB the contract allows that start (Speed); only `login` on a
+# terminal needs it. It is ordinary Python below: read it as such. Its line
+# numbers in tracebacks are this file's.
 
+
+def _qr_module():
+    # type: () -> Any
+    """The QR encoder: _qr_encode(data) -> (modules, version, ecl, mask),
+    _qr_render(modules, unicode, color) -> text, _qr_penalty(modules)."""
+    module = sys.modules.get(__name__ + "._qr")
+    if module is None:
+        import types
+
+        module = types.ModuleType(__name__ + "._qr", "The QR encoder of %s (§10)." % __name__)
+        code = compile("\n" * _QR_LINE + _QR_SOURCE, __file__, "exec")
+        exec(code, module.__dict__)
+        sys.modules[module.__name__] = module
+    return module
+
+
+_QR_LINE = sys._getframe().f_lineno  # the source below starts on the next line
+_QR_SOURCE = r'''
 _QR_MAX_BYTES = 250  # a verification_uri_complete is far shorter
 
 # 18004 Table 9: error correction per version, for levels L and M.
@@ -2203,6 +2228,7 @@ def _qr_render(modules, unicode, color=False):
     if color:
         lines = ["\x1b[37;40m" + line + "\x1b[0m" for line in lines]
     return "\n".join(lines) + "\n"
+'''  # end of _QR_SOURCE
 
 
 # ==== §10 end ================================================================
@@ -2562,16 +2588,16 @@ def _cmd_api(args, console):
 
 def _show_qr(console, uri, wanted):
     # type: (_Console, str, bool) -> None
-    encode = globals().get("_qr_encode")
-    if not wanted or encode is None:
+    if not wanted:
         return
+    qr = _qr_module()
     try:
-        modules = encode(uri.encode("utf-8"))[0]
+        modules = qr._qr_encode(uri.encode("utf-8"))[0]
     except ValueError:
         console.info("(The address is too long for a QR code; type it instead.)")
         return
     unicode_ok = _unicode_ok(console.stream or sys.stderr)
-    console.info(_qr_render(modules, unicode_ok, console.isatty()).rstrip("\n"))
+    console.info(qr._qr_render(modules, unicode_ok, console.isatty()).rstrip("\n"))
 
 
 def _qr_wanted(args, console):

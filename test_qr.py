@@ -25,6 +25,8 @@ import pytest
 
 import standcloud_auth as sca
 
+QR = sca._qr_module()  # the encoder, compiled on first use (see §10)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "fixtures", "qr_vectors.json")) as _fh:
     _FIXTURE = json.load(_fh)
@@ -35,10 +37,10 @@ _CACHE = {}  # (data, ecl, version, mask) -> _qr_encode result
 
 
 def encode(data, ecl=None, version=None, mask=None):
-    """sca._qr_encode, memoised: several tests look at the same symbol."""
+    """QR._qr_encode, memoised: several tests look at the same symbol."""
     key = (data, ecl, version, mask)
     if key not in _CACHE:
-        _CACHE[key] = sca._qr_encode(data, ecl=ecl, version=version,
+        _CACHE[key] = QR._qr_encode(data, ecl=ecl, version=version,
                                      mask=mask)
     return _CACHE[key]
 
@@ -170,6 +172,20 @@ def test_qr_known_answer_vectors(vector):
     assert modules == rows_from_hex(vector["rows"])
 
 
+def test_qr_source_compiles_lazily_with_file_line_numbers():
+    # The encoder is compiled only when asked for, and its code objects
+    # carry standcloud_auth.py's own line numbers.
+    import inspect
+
+    with open(sca.__file__, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    line = QR._qr_encode.__code__.co_firstlineno
+    assert lines[line - 1].startswith("def _qr_encode(")
+    assert QR.__file__ if hasattr(QR, "__file__") else True
+    assert inspect.getsourcefile(QR._qr_encode) == sca.__file__
+    assert sca._qr_module() is QR
+
+
 def test_qr_vectors_cover_the_required_cases():
     seen = {(v["expect"]["version"], v["expect"]["ecl"]) for v in VECTORS}
     assert {1, 2, 7, 10, 40} <= {version for version, _ in seen}
@@ -181,22 +197,22 @@ def test_qr_block_table_matches_independent_encoder(ecl):
     for version in range(1, 41):
         blocks = [tuple(map(int, block.split("/")))
                   for block in RS_BLOCKS[f"{version}-{ecl}"].split()]
-        row = sca._QR_EC_TABLE[version - 1]
+        row = QR._QR_EC_TABLE[version - 1]
         ec, count = (row[1], row[2]) if ecl == "L" else (row[3], row[4])
         assert row[0] == version
         assert [total - data for total, data in blocks] == [ec] * count
         assert sum(total for total, _ in blocks) == \
-            sca._qr_raw_modules(version) // 8
+            QR._qr_raw_modules(version) // 8
         assert sum(data for _, data in blocks) == \
-            sca._qr_data_capacity(version, ecl)
+            QR._qr_data_capacity(version, ecl)
 
 
 def test_qr_reed_solomon_matches_18004_annex_i():
     # 18004 Annex I: "01234567" as 1-M, 16 data codewords, 10 EC codewords.
     data = [0x10, 0x20, 0x0C, 0x56, 0x61, 0x80, 0xEC, 0x11,
             0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11]
-    generator = sca._qr_rs_generator(10)
-    assert sca._qr_rs_remainder(data, generator, {}) == [
+    generator = QR._qr_rs_generator(10)
+    assert QR._qr_rs_remainder(data, generator, {}) == [
         0xA5, 0x24, 0xD4, 0xC1, 0xED, 0x36, 0xC7, 0x87, 0x2C, 0x55]
 
 
@@ -264,7 +280,7 @@ def check_function_patterns(m, version):
 
 def test_qr_alignment_table_matches_annex_e_rule():
     for version in VERSIONS:
-        assert list(sca._QR_ALIGN_TABLE[version - 1][1]) == \
+        assert list(QR._QR_ALIGN_TABLE[version - 1][1]) == \
             alignment_centres(version), version
 
 
@@ -276,27 +292,27 @@ def test_qr_chosen_mask_has_lowest_penalty(version):
     chosen, _, ecl, mask = encode(data, version=version)
     forced = [encode(data, ecl=ecl, version=version, mask=k)[0]
               for k in range(8)]
-    scores = [sca._qr_penalty(symbol) for symbol in forced]
+    scores = [QR._qr_penalty(symbol) for symbol in forced]
     assert mask == scores.index(min(scores))
     assert chosen == forced[mask]
 
 
 def test_qr_mask_ties_go_to_the_lowest_number(monkeypatch):
-    monkeypatch.setattr(sca, "_qr_penalty_rows", lambda rows, n: 7)
-    assert sca._qr_encode(b"tie")[3] == 0
+    monkeypatch.setattr(QR, "_qr_penalty_rows", lambda rows, n: 7)
+    assert QR._qr_encode(b"tie")[3] == 0
 
 
 @pytest.mark.parametrize("name", [v["name"] for v in VECTORS[:8]])
 def test_qr_penalty_matches_plain_reference(name):
     vector = next(v for v in VECTORS if v["name"] == name)
     m = rows_from_hex(vector["rows"])
-    assert sca._qr_penalty(m) == reference_penalty(m)
+    assert QR._qr_penalty(m) == reference_penalty(m)
 
 
 @pytest.mark.parametrize("mask", range(8))
 def test_qr_penalty_matches_plain_reference_each_mask(mask):
     m = encode(b"standcloud", version=2, mask=mask)[0]
-    assert sca._qr_penalty(m) == reference_penalty(m)
+    assert QR._qr_penalty(m) == reference_penalty(m)
 
 
 @pytest.mark.parametrize("matrix, expected", [
@@ -313,7 +329,7 @@ def test_qr_penalty_hand_computed(matrix, expected):
     if expected is None:
         expected = reference_penalty(matrix)
         assert expected >= 40
-    assert sca._qr_penalty(matrix) == expected
+    assert QR._qr_penalty(matrix) == expected
 
 
 # ---- choices, limits, errors ----------------------------------------------
@@ -323,21 +339,21 @@ def test_qr_size_limit_250_bytes():
     modules, version, ecl, _ = encode(b"\xff" * 250)
     assert (version, ecl, len(modules)) == (11, "M", 61)
     with pytest.raises(ValueError):
-        sca._qr_encode(b"\xff" * 251)
+        QR._qr_encode(b"\xff" * 251)
 
 
 @pytest.mark.parametrize("length, version", [
     (0, 1), (14, 1), (15, 2), (26, 2), (122, 7), (123, 8), (213, 10),
     (214, 11), (250, 11)])
 def test_qr_smallest_version_at_level_m(length, version):
-    assert sca._qr_choose(length, None, None) == (version, "M")
+    assert QR._qr_choose(length, None, None) == (version, "M")
 
 
 def test_qr_falls_back_to_level_l_only_when_m_does_not_fit():
-    assert sca._qr_choose(213, None, 10) == (10, "M")
-    assert sca._qr_choose(214, None, 10) == (10, "L")
+    assert QR._qr_choose(213, None, 10) == (10, "M")
+    assert QR._qr_choose(214, None, 10) == (10, "L")
     with pytest.raises(ValueError):
-        sca._qr_choose(272, None, 10)
+        QR._qr_choose(272, None, 10)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -345,7 +361,7 @@ def test_qr_falls_back_to_level_l_only_when_m_does_not_fit():
     {"mask": -1}, {"mask": 8}, {"version": 1, "ecl": "M"}])
 def test_qr_rejects_bad_choices(kwargs):
     with pytest.raises(ValueError):
-        sca._qr_encode(b"x" * 20, **kwargs)
+        QR._qr_encode(b"x" * 20, **kwargs)
 
 
 def test_qr_capacity_matches_18004_table_7():
@@ -354,9 +370,9 @@ def test_qr_capacity_matches_18004_table_7():
              11: (321, 251), 40: (2953, 2331)}
     for version, (at_l, at_m) in table.items():
         for ecl, most in (("L", at_l), ("M", at_m)):
-            bits = 8 * sca._qr_data_capacity(version, ecl)
-            assert sca._qr_bits_needed(most, version) <= bits
-            assert sca._qr_bits_needed(most + 1, version) > bits
+            bits = 8 * QR._qr_data_capacity(version, ecl)
+            assert QR._qr_bits_needed(most, version) <= bits
+            assert QR._qr_bits_needed(most + 1, version) > bits
 
 
 # ---- rendering ------------------------------------------------------------
@@ -368,13 +384,13 @@ def test_qr_capacity_matches_18004_table_7():
 def test_qr_render_round_trips(name, unicode, color):
     vector = next(v for v in VECTORS if v["name"] == name)
     m = rows_from_hex(vector["rows"])
-    text = sca._qr_render(m, unicode, color=color)
+    text = QR._qr_render(m, unicode, color=color)
     assert parse_render(text, unicode) == m
 
 
 def test_qr_render_unicode_draws_light_modules_as_blocks():
     m = [[True, False], [False, True]]  # not a QR code, just a matrix
-    lines = sca._qr_render(m, True).split("\n")
+    lines = QR._qr_render(m, True).split("\n")
     # 2 + 8 = 10 rows -> 5 lines of 10 characters, and a final "".
     assert len(lines) == 6 and lines[-1] == ""
     assert lines[0] == lines[1] == "\u2588" * 10
@@ -384,7 +400,7 @@ def test_qr_render_unicode_draws_light_modules_as_blocks():
 
 
 def test_qr_render_ascii_marks_dark_modules():
-    lines = sca._qr_render([[True]], False).split("\n")
+    lines = QR._qr_render([[True]], False).split("\n")
     assert len(lines) == 10 and lines[-1] == ""
     assert lines[4] == "  " * 4 + "##" + "  " * 4
 
@@ -392,8 +408,8 @@ def test_qr_render_ascii_marks_dark_modules():
 @pytest.mark.parametrize("unicode", [True, False])
 def test_qr_render_color_paints_and_resets_every_line(unicode):
     m = rows_from_hex(VECTORS[0]["rows"])
-    text = sca._qr_render(m, unicode, color=True)
-    plain = sca._qr_render(m, unicode)
+    text = QR._qr_render(m, unicode, color=True)
+    plain = QR._qr_render(m, unicode)
     assert _SGR.sub("", text) == plain
     for line in text.split("\n")[:-1]:
         assert line.startswith("\x1b[37;40m" if unicode else "\x1b[30;47m")
@@ -401,7 +417,7 @@ def test_qr_render_color_paints_and_resets_every_line(unicode):
 
 
 def test_qr_render_color_ascii_fills_dark_cells():
-    lines = sca._qr_render([[True, True, False]], False, color=True)
+    lines = QR._qr_render([[True, True, False]], False, color=True)
     row = lines.split("\n")[4]
     assert row == ("\x1b[30;47m" + "  " * 4 + "\x1b[40m####"
                    + "\x1b[47m" + "  " * 5 + "\x1b[0m")
