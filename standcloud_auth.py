@@ -614,7 +614,6 @@ class TokenStore(object):
         self.path = os.path.abspath(path)
         self.lock_path = self.path + ".lock"
         self._console = console or _Console()
-        self._lock_fd = None  # type: Optional[int]
         self._warned = False
 
     def __repr__(self):
@@ -1073,11 +1072,6 @@ def _origin_or(url):
 # Pure protocol: the endpoints, their fields and their answers. No store.
 
 
-def _endpoint(base, path):
-    # type: (str, str) -> str
-    return base + path
-
-
 def _read_text(obj, name, what, required=True):
     # type: (Dict[str, Any], str, str, bool) -> Optional[str]
     """A string for a person to read: refused if it holds control characters
@@ -1178,7 +1172,7 @@ def _describe(error, description):
 def _start_device_flow(transport, base):
     # type: (_Transport, str) -> DeviceFlow
     """RFC 8628 §3.1: ask for a device code and a user code."""
-    url = _endpoint(base, DEVICE_PATH)
+    url = base + DEVICE_PATH
     fields = {"client_id": CLIENT_ID, "scope": SCOPE, "audience": base + API_PATH}
     response = _post_form(transport, url, fields)
     what = "the device authorization answer"
@@ -1231,7 +1225,7 @@ def _token_rejection(response, url, doing):
 def _refresh_tokens(transport, base, refresh_token):
     # type: (_Transport, str, str) -> Dict[str, Any]
     """RFC 6749 §6. The audience is not resent: the server keeps the grant's."""
-    url = _endpoint(base, TOKEN_PATH)
+    url = base + TOKEN_PATH
     fields = {"client_id": CLIENT_ID, "grant_type": "refresh_token", "refresh_token": refresh_token}
     sent_at = _now()
     response = _post_form(transport, url, fields)
@@ -1244,7 +1238,7 @@ def _refresh_tokens(transport, base, refresh_token):
 def _revoke(transport, base, token, hint):
     # type: (_Transport, str, str, str) -> None
     """RFC 7009 §2.1; 200 (also for an unknown token) is success."""
-    url = _endpoint(base, REVOCATION_PATH)
+    url = base + REVOCATION_PATH
     response = _post_form(transport, url, {"client_id": CLIENT_ID, "token": token, "token_type_hint": hint})
     if not response.ok:
         raise _token_rejection(response, url, "revocation of the %s" % hint.replace("_", " "))
@@ -1289,7 +1283,7 @@ def _expired():
 
 def _poll_for_tokens(transport, base, flow, on_wait=None):
     # type: (_Transport, str, DeviceFlow, Optional[Callable[[float], None]]) -> Dict[str, Any]
-    url = _endpoint(base, TOKEN_PATH)
+    url = base + TOKEN_PATH
     fields = {"client_id": CLIENT_ID, "grant_type": DEVICE_GRANT, "device_code": flow.device_code or ""}
     interval = flow.interval
     wait = interval
@@ -2735,12 +2729,12 @@ def _cmd_login(args, console):
     finally:
         if tick is not None:
             console._write("\r" + " " * 20 + "\r")
-    console.info("Logged in to %s. The tokens are stored in %s" % (auth.url, auth.store_path))
     if not args.get("no_check"):
         response = auth.request("GET", HEALTHCHECK_PATH)
         if not response.ok:
-            raise _check_failure(response)
+            raise _check_failure(response)  # it says the tokens are stored
         console.info("The StandCloud API accepts the token (healthcheck ok).")
+    console.info("Logged in to %s. The tokens are stored in %s" % (auth.url, auth.store_path))
     if args.get("json"):
         _emit({"event": "logged_in", "url": auth.url, "expires_at": tokens.expires_at})
     return 0

@@ -610,7 +610,7 @@ def test_cli_login_output_goes_to_stderr(cli, server, store_path):
     assert user_code[:4] + "-" + user_code[4:] in result.err
     assert "?user_code=" + user_code in result.err
     assert "expires in 9 min" in result.err
-    assert str(store_path) in result.err
+    assert result.err.strip().splitlines()[-1].endswith(str(store_path))  # the last line: where the tokens are
     token = json.loads(store_path.read_text())["servers"][server.base]["access_token"]
     assert token not in result.err
 
