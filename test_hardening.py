@@ -21,7 +21,6 @@ import pytest
 
 import standcloud_auth as sca
 from conftest import entry_for, error_lines, write_store
-from fakeserver import FakeClock, FakeStandCloud
 
 TIMEOUT = "0.3"  # --timeout for every row: a stall must end in about this
 WALL = 3.0  # seconds a row may take, whatever the server does
@@ -38,31 +37,6 @@ HTML = {"Content-Type": "text/html"}
 # the rows themselves (its shutdown waits out a 10 ms poll). So one server
 # runs per module and every test gets a fresh FakeStandCloud state behind it,
 # on a fake clock patched onto the module's seams as conftest's `clock` does.
-
-
-@pytest.fixture(scope="module")
-def _running():
-    fake = FakeStandCloud().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    fake = FakeClock()
-    monkeypatch.setattr(sca, "_now", fake.now)
-    monkeypatch.setattr(sca, "_monotonic", fake.monotonic)
-    monkeypatch.setattr(sca, "_sleep", fake.sleep)
-    return fake
-
-
-@pytest.fixture
-def server(_running, clock):
-    fresh = FakeStandCloud(clock)
-    fresh.httpd, fresh.base = _running.httpd, _running.base
-    _running.httpd.RequestHandlerClass.fake = fresh
-    return fresh
-
 
 
 def warning_lines(err):
