@@ -525,6 +525,20 @@ if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         # type: (str) -> None
         """Windows cannot open a folder to fsync it; os.replace is enough there."""
 
+    def _replace(source, target):
+        # type: (str, str) -> None
+        """os.replace, retried briefly: on Windows it fails with
+        PermissionError while another process has the store open to read it
+        (Python opens files without FILE_SHARE_DELETE). Giving up here would
+        lose a refresh token the server has already rotated."""
+        for _ in range(100):
+            try:
+                os.replace(source, target)
+                return
+            except PermissionError:
+                time.sleep(0.01)
+        os.replace(source, target)
+
 else:
     import fcntl
 
@@ -540,6 +554,11 @@ else:
     def _unlock(fd):
         # type: (int) -> None
         fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _replace(source, target):
+        # type: (str, str) -> None
+        """os.replace: atomic on POSIX, even while readers hold the file open."""
+        os.replace(source, target)
 
     def _fsync_dir(folder):
         # type: (str) -> None
@@ -671,7 +690,7 @@ class TokenStore(object):
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
+            _replace(tmp, self.path)
         except BaseException:
             try:
                 os.unlink(tmp)

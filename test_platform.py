@@ -255,3 +255,23 @@ def test_win_status_token_and_refresh_work(win, isolated_env, live_server):
     modes = [call[1] for call in win.fake_msvcrt.calls]
     assert modes == [win.fake_msvcrt.LK_NBLCK, win.fake_msvcrt.LK_UNLCK]
     assert sorted(p.name for p in path.parent.iterdir()) == ["tokens.json", "tokens.json.lock"]
+
+
+def test_win_replace_retries_while_a_reader_holds_the_store(win, monkeypatch, tmp_path):
+    # Windows refuses os.replace while another process has the file open;
+    # the store retries instead of losing a freshly rotated refresh token.
+    calls = []
+    real_replace = os.replace
+
+    def busy_twice(source, target):
+        calls.append(target)
+        if len(calls) <= 2:
+            raise PermissionError(13, "Access is denied")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", busy_twice)
+    store = win.TokenStore(str(tmp_path / "tokens.json"))
+    store.save({"version": 1, "servers": {}})
+    assert len(calls) == 3
+    assert store.load() == {"version": 1, "servers": {}}
+
