@@ -151,6 +151,52 @@ class FakeStandCloud(object):
         return bool(state and state["active"] and state["expires"] > self.clock())
 
 
+# -- canned answers for script(): misbehaving servers --------------------------
+
+
+def stall(seconds=1.0, partial=None):
+    """Say nothing for ``seconds`` -- before the headers, or (``partial``
+    bytes given) after the headers and those first bytes of the body."""
+
+    def answer(handler):
+        handler.close_connection = True
+        try:
+            if partial is not None:
+                handler.send_response(200)
+                handler.send_header("Content-Type", "application/json")
+                handler.send_header("Content-Length", str(len(partial) + 100))
+                handler.end_headers()
+                handler.wfile.write(partial)
+                handler.wfile.flush()
+            time.sleep(seconds)
+        except OSError:
+            pass
+
+    return answer
+
+
+def trickle(count=100, every=0.05, prefix=b""):
+    """Headers at once, then one byte every ``every`` seconds: each socket
+    read succeeds, only a bound on the whole request stops the client."""
+
+    def answer(handler):
+        handler.close_connection = True
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(prefix) + count))
+        handler.end_headers()
+        try:
+            handler.wfile.write(prefix)
+            for _ in range(count):
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+                time.sleep(every)
+        except OSError:
+            pass
+
+    return answer
+
+
 class _ThreadingServer(ThreadingMixIn, HTTPServer):
     daemon_threads = True
     allow_reuse_address = True

@@ -21,7 +21,7 @@ import pytest
 
 import standcloud_auth as sca
 from conftest import MODULE, assert_one_error, entry_for, free_port, log_in, run_cli, write_store
-from fakeserver import FakeStandCloud
+from fakeserver import FakeStandCloud, stall, trickle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TLS = os.path.join(HERE, "fixtures", "tls")
@@ -1078,46 +1078,11 @@ def test_verbose_off_by_default(cli, server, store_path, clock):
 # ==== timeouts ==============================================================
 
 
-def stall_before_headers(handler):
-    time.sleep(1.5)
-    try:
-        handler.send(200, {}, b"{}")
-    except OSError:
-        pass
-
-
-def stall_mid_body(handler):
-    try:
-        handler.send_response(200)
-        handler.send_header("Content-Length", "100")
-        handler.end_headers()
-        handler.wfile.write(b'{"partial": ')
-        handler.wfile.flush()
-        time.sleep(1.5)
-    except OSError:
-        pass
-
-
-def trickle(handler):
-    # One byte every 0.1 s for 4 s: every socket read succeeds well within
-    # any per-read timeout; only a bound on the whole request stops it.
-    try:
-        handler.send_response(200)
-        handler.send_header("Content-Length", "40")
-        handler.end_headers()
-        for _ in range(40):
-            handler.wfile.write(b" ")
-            handler.wfile.flush()
-            time.sleep(0.1)
-    except OSError:
-        pass
-
-
 @pytest.mark.parametrize("command, answer", [
-    (["healthcheck"], stall_before_headers),
-    (["api", "/x"], stall_mid_body),
-    (["api", "/x", "-d", "{}"], trickle),
-    (["healthcheck"], trickle),
+    (["healthcheck"], stall(1.5)),
+    (["api", "/x"], stall(1.5, partial=b'{"partial": ')),
+    (["api", "/x", "-d", "{}"], trickle(40, 0.1)),
+    (["healthcheck"], trickle(40, 0.1)),
 ], ids=["healthcheck stall before headers", "api stall mid body", "api trickle", "healthcheck trickle"])
 def test_timeout_bounds_the_whole_request_exit_4(cli, server, store_path, clock, command, answer):
     log_in(server, store_path, clock.now())
@@ -1133,7 +1098,7 @@ def test_timeout_bounds_the_whole_request_exit_4(cli, server, store_path, clock,
 
 def test_timeout_from_the_environment(cli, server, store_path, clock, monkeypatch):
     log_in(server, store_path, clock.now())
-    server.script(HEALTH, trickle)
+    server.script(HEALTH, trickle(40, 0.1))
     monkeypatch.setenv("STANDCLOUD_TIMEOUT", "0.2")
     started = time.monotonic()
     result = cli("--url", server.base, "healthcheck")
@@ -1144,7 +1109,7 @@ def test_timeout_from_the_environment(cli, server, store_path, clock, monkeypatc
 def test_timeout_during_refresh_keeps_the_store(cli, server, store_path, clock):
     log_in(server, store_path, clock.now(), expires_at=clock.now() - 1)
     before = store_path.read_bytes()
-    server.script(sca.TOKEN_PATH, trickle)
+    server.script(sca.TOKEN_PATH, trickle(40, 0.1))
     started = time.monotonic()
     result = cli("--url", server.base, "--timeout", "0.2", "healthcheck")
     assert_one_error(result, 4)
@@ -1154,7 +1119,7 @@ def test_timeout_during_refresh_keeps_the_store(cli, server, store_path, clock):
 
 def test_timeout_library(server, store_path, clock):
     log_in(server, store_path, clock.now())
-    server.script(sca.API_PATH + "/x", trickle)
+    server.script(sca.API_PATH + "/x", trickle(40, 0.1))
     auth = sca.StandCloudAuth(server.base, store=str(store_path), timeout=0.2)
     started = time.monotonic()
     with pytest.raises(sca.NetworkError) as info:

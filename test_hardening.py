@@ -21,6 +21,7 @@ import pytest
 
 import standcloud_auth as sca
 from conftest import entry_for, error_lines, write_store
+from fakeserver import stall, trickle
 
 TIMEOUT = "0.3"  # --timeout for every row: a stall must end in about this
 WALL = 3.0  # seconds a row may take, whatever the server does
@@ -84,30 +85,6 @@ def literal(template, name, raw):
     """A JSON text whose field ``name`` is the raw literal ``raw`` (1e999)."""
     marker = "__literal__"
     return json.dumps(dict(template, **{name: marker})).replace('"%s"' % marker, raw).encode()
-
-
-def stall(handler):
-    # Reads the request, then says nothing for longer than --timeout.
-    time.sleep(1.0)
-    handler.close_connection = True
-
-
-def trickle(handler):
-    # Headers at once, then one byte of a promised 200 every 0.05 s: every
-    # socket read succeeds, the whole answer would take 10 s.
-    handler.send_response(200)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", "200")
-    handler.end_headers()
-    handler.close_connection = True
-    try:
-        handler.wfile.write(b'{"access_token": "')
-        for _ in range(180):
-            handler.wfile.write(b"a")
-            handler.wfile.flush()
-            time.sleep(0.05)
-    except OSError:
-        pass
 
 
 def big_chunked(handler):
@@ -184,8 +161,8 @@ def hostile(name, kind, base, path):
         "big_length": (200, JSON, BIG_BODY),
         "big_chunked": big_chunked,
         "deep_nesting": (200, JSON, DEEP_BODY),
-        "stall": stall,
-        "trickle": trickle,
+        "stall": stall(1.0),
+        "trickle": trickle(180, 0.05, prefix=b'{"access_token": "'),
         "redirect_same": (302, {"Location": base + sca.API_PATH + "/redirected"}, b""),
         "redirect_other": (302, {"Location": other_origin}, b""),
         "redirect_loop": (302, {"Location": base + path}, b""),  # to itself

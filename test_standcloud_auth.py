@@ -16,6 +16,7 @@ import pytest
 
 import standcloud_auth as sca
 from conftest import MODULE, assert_one_error, entry_for, log_in, run_cli, write_store
+from fakeserver import trickle
 
 POSIX = sys.platform != "win32"
 
@@ -312,20 +313,7 @@ def test_http_headers_and_form(server, clock):
 def test_http_timeout_bounds_whole_request(server, store_path):
     # A server that trickles one byte every 0.05 s: every read succeeds, the
     # whole answer would take seconds; --timeout 0.5 must end it.
-    def trickle(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", "100")
-        handler.end_headers()
-        try:
-            for _ in range(100):
-                handler.wfile.write(b" ")
-                handler.wfile.flush()
-                time.sleep(0.05)
-        except OSError:
-            pass
-
-    server.script(sca.DEVICE_PATH, trickle)
+    server.script(sca.DEVICE_PATH, trickle(100, 0.05))
     auth = sca.StandCloudAuth(server.base, timeout=0.5)
     started = time.monotonic()
     with pytest.raises(sca.NetworkError) as info:
