@@ -1426,6 +1426,7 @@ class StandCloudAuth(object):
         if insecure:
             self._console.warn("TLS certificates are not verified (--insecure): anyone on the network can read the tokens",
                                always=True)
+        self._preloaded = None  # type: Optional[Dict[str, Any]]
         self._url = self._resolve_url(url or env.get(ENV_URL))
         if self._url is not None:
             _check_http_policy(self._url, env)
@@ -1436,8 +1437,10 @@ class StandCloudAuth(object):
             return normalize_url(given)
         if self._static is not None:
             return None  # `token` works without a URL; the others ask for one
-        servers = sorted(self._store.load()["servers"])  # type: List[str]
+        doc = self._store.load()
+        servers = sorted(doc["servers"])  # type: List[str]
         if len(servers) == 1:
+            self._preloaded = doc["servers"][servers[0]]  # spares `token` a second read
             return servers[0]
         raise ConfigError(
             "no StandCloud URL given and the token store has %s"
@@ -1519,7 +1522,8 @@ class StandCloudAuth(object):
         """The store entry (or the static token as one), refreshed as needed."""
         if self._static is not None:
             return {"access_token": self._static, "token_type": "Bearer", "expires_at": None}
-        entry = self._store.entry(self.url)
+        entry = self._preloaded or self._store.entry(self.url)
+        self._preloaded = None  # only the first use may skip reading the store
         if entry is not None and _fresh(entry, min_valid):
             return entry  # the hot path: one read, no lock, no network
         seen = entry["access_token"] if entry else None
