@@ -197,6 +197,28 @@ def trickle(count=100, every=0.05, prefix=b""):
     return answer
 
 
+def chunked(chunks=20, size=65536):
+    """A chunked JSON body of ``chunks`` x ``size`` bytes and no
+    Content-Length (1.25 MiB by default): the 1 MiB cap must hold while
+    reading, not only when a length is announced."""
+
+    def answer(handler):
+        handler.close_connection = True
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        try:
+            handler.wfile.write(b'2\r\n["\r\n')
+            for _ in range(chunks):
+                handler.wfile.write(b"%x\r\n%s\r\n" % (size, b"a" * size))
+            handler.wfile.write(b'2\r\n"]\r\n0\r\n\r\n')
+        except OSError:
+            pass
+
+    return answer
+
+
 class _ThreadingServer(ThreadingMixIn, HTTPServer):
     daemon_threads = True
     allow_reuse_address = True

@@ -379,6 +379,12 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
 
 
+def _is_token(value):
+    # type: (str) -> bool
+    """Visible ASCII only: safe in an HTTP header, a file and a terminal."""
+    return bool(value) and all(33 <= ord(c) <= 126 for c in value)
+
+
 def _read_str(obj, name, what, required=True, token=False):
     # type: (Dict[str, Any], str, str, bool, bool) -> Optional[str]
     """A string field of a server answer; ``token=True`` also checks that it
@@ -388,7 +394,7 @@ def _read_str(obj, name, what, required=True, token=False):
         return None
     if not isinstance(value, str) or not value:
         raise ServerError("%s has %s" % (what, "no %s" % name if value is None else "a malformed %s" % name))
-    if token and not all(33 <= ord(c) <= 126 for c in value):
+    if token and not _is_token(value):
         raise ServerError("%s has a malformed %s (not a token)" % (what, name))
     return value
 
@@ -804,13 +810,14 @@ class Response(object):
 
     def raise_for_status(self):
         # type: () -> Response
-        """AuthError for 401/403, ServerError for any other error status."""
+        """AuthError for 401/403, ServerError for any other status but 2xx
+        (a 3xx that reaches here is one the origin rule did not follow)."""
         if self.status in (401, 403):
             raise AuthError(
                 "the server refused the request to %s (HTTP %d)" % (self.url, self.status),
                 "run '%s login' again" % PROG if self.status == 401 else "ask for access to this resource",
             )
-        if not 200 <= self.status < 400:
+        if not self.ok:
             raise ServerError("HTTP %d from %s" % (self.status, self.url), status=self.status, body=self.body)
         return self
 
@@ -1413,7 +1420,7 @@ class StandCloudAuth(object):
         env = os.environ if environ is None else environ  # type: Any
         self._console = console or _Console()
         self._static = token if token is not None else (env.get(ENV_TOKEN, "").strip() or None)
-        if self._static is not None and not all(33 <= ord(c) <= 126 for c in self._static):
+        if self._static is not None and not _is_token(self._static):
             raise ConfigError("%s is not a valid bearer token" % ENV_TOKEN, "check the variable's value")
         self._store = TokenStore(store or env.get(ENV_STORE) or default_store_path(env), self._console)
         if insecure is None:
@@ -1503,11 +1510,9 @@ class StandCloudAuth(object):
         # type: (float) -> Optional[Tokens]
         """The session when it is usable (valid, or refreshed now), else None."""
         try:
-            self.access_token(min_valid)
+            return Tokens(self._session(min_valid))
         except AuthError:
             return None
-        entry = self._store.entry(self.url)
-        return Tokens(entry) if entry else None
 
     # -- tokens --------------------------------------------------------------
 
@@ -2530,8 +2535,6 @@ def _cmd_healthcheck(args, console):
     elif response.ok:
         _write_out("ok\n")
     response.raise_for_status()
-    if not response.ok:  # a 3xx the origin rule did not follow
-        raise ServerError("HTTP %d from %s" % (response.status, response.url))
     return 0
 
 
@@ -2566,7 +2569,7 @@ def _parse_headers(values):
     for raw in values:
         name, sep, value = raw.partition(":")
         name, value = name.strip(), value.strip()
-        if not sep or not name or any(c in raw for c in "\r\n") or not all(33 <= ord(c) <= 126 for c in name):
+        if not sep or not _is_token(name) or any(c in raw for c in "\r\n"):
             raise _usage_error("-H wants 'Name: value', not %r" % raw, "api")
         headers[name] = value
     return headers
@@ -2598,8 +2601,6 @@ def _cmd_api(args, console):
     except BrokenPipeError:
         pass
     response.raise_for_status()
-    if not response.ok:
-        raise ServerError("HTTP %d from %s" % (response.status, response.url))
     return 0
 
 

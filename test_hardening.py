@@ -21,7 +21,7 @@ import pytest
 
 import standcloud_auth as sca
 from conftest import entry_for, error_lines, write_store
-from fakeserver import stall, trickle
+from fakeserver import chunked, stall, trickle
 
 TIMEOUT = "0.3"  # --timeout for every row: a stall must end in about this
 WALL = 3.0  # seconds a row may take, whatever the server does
@@ -87,23 +87,6 @@ def literal(template, name, raw):
     return json.dumps(dict(template, **{name: marker})).replace('"%s"' % marker, raw).encode()
 
 
-def big_chunked(handler):
-    # 1.25 MiB with no Content-Length: the cap must hold while reading.
-    handler.send_response(200)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Transfer-Encoding", "chunked")
-    handler.end_headers()
-    handler.close_connection = True
-    try:
-        handler.wfile.write(b'2\r\n["\r\n')
-        for _ in range(20):
-            chunk = b"a" * 65536
-            handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        handler.wfile.write(b'2\r\n"]\r\n0\r\n\r\n')
-    except OSError:
-        pass
-
-
 def closed(handler):
     # Reads the request and hangs up without a word.
     handler.close_connection = True
@@ -159,7 +142,7 @@ def hostile(name, kind, base, path):
         "empty_400": (400, JSON, b""),
         "empty_401": (401, JSON, b""),
         "big_length": (200, JSON, BIG_BODY),
-        "big_chunked": big_chunked,
+        "big_chunked": chunked(),
         "deep_nesting": (200, JSON, DEEP_BODY),
         "stall": stall(1.0),
         "trickle": trickle(180, 0.05, prefix=b'{"access_token": "'),

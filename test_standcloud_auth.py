@@ -16,7 +16,7 @@ import pytest
 
 import standcloud_auth as sca
 from conftest import MODULE, assert_one_error, entry_for, log_in, run_cli, write_store
-from fakeserver import trickle
+from fakeserver import chunked, trickle
 
 POSIX = sys.platform != "win32"
 
@@ -339,19 +339,7 @@ def test_http_body_over_1_mib_is_server_error(server, store_path):
 
 
 def test_http_chunked_body_over_1_mib_is_server_error(server, store_path):
-    def chunked(handler):
-        handler.send_response(200)
-        handler.send_header("Transfer-Encoding", "chunked")
-        handler.end_headers()
-        try:
-            for _ in range(20):
-                chunk = b"a" * 65536
-                handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            handler.wfile.write(b"0\r\n\r\n")
-        except OSError:
-            pass
-
-    server.script(sca.DEVICE_PATH, chunked)
+    server.script(sca.DEVICE_PATH, chunked())
     with pytest.raises(sca.ServerError):
         sca.StandCloudAuth(server.base).start_login()
 
