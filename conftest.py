@@ -14,7 +14,9 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = os.path.join(HERE, "standcloud_auth.py")
+TESTS = os.path.join(HERE, "tests")
 sys.path.insert(0, HERE)
+sys.path.insert(0, TESTS)
 
 import standcloud_auth as sca  # noqa: E402
 from fakeserver import FakeClock, FakeStandCloud  # noqa: E402,F401

@@ -35,8 +35,9 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODULE = os.path.join(HERE, "standcloud_auth.py")
+MODULE = os.path.join(os.path.dirname(HERE), "standcloud_auth.py")
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 
 RATIO_TARGET = 3.5
 MEMORY_TARGET_MIB = 7.0

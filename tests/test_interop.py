@@ -28,7 +28,7 @@ try:  # Python 3
 except ImportError:  # pragma: no cover
     raise
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTEROP = os.path.join(ROOT, "interop")
 CLI = os.path.join(ROOT, "standcloud_auth.py")
 sys.path.insert(0, INTEROP)

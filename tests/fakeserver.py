@@ -20,15 +20,18 @@ before the behaviour above: each is ``(status, headers, body)`` or a callable
 """
 
 import json
+import os
 import random
 import string
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from socketserver import ThreadingMixIn
 from urllib.parse import parse_qs, urlsplit
 
-import standcloud_auth as sca
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import standcloud_auth as sca  # noqa: E402
 
 CONSENT_PATH = "/consent/openid/device-authorization"  # Authelia's verification page
 _PAGE = (b"<!doctype html><title>Fake StandCloud</title><form method=post>"
