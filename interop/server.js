@@ -25,6 +25,18 @@
 //                            endpoint (Authelia sends 403)
 //   REVOKE_ACCESS_ON_REFRESH 1  1: a refresh revokes the grant's older access
 //                            tokens at once (Authelia does); 0: they live on
+//   DENY_AS_SERVER_ERROR 0   1: a poll of a denied, redeemed or unknown device
+//                            code gets 500 server_error "... Misconfigured
+//                            code ...", on that poll and every later one, as
+//                            the running Authelia 4.39.20 answers; 0: what
+//                            oidc-provider does (access_denied once, then
+//                            invalid_grant; a redeemed code polled again gets
+//                            invalid_grant and its tokens revoked)
+//   EMPTY_DEVICE_AUTH_ERRORS 0  1: a refused device authorization (unknown
+//                            client, empty form, audience not allowed)
+//                            answers the same HTTP status with the body {}
+//                            and no `error` field, as the running Authelia
+//                            4.39.20; 0: oidc-provider's OAuth error body
 //   INTEROP_STATS      0     1: GET /__stats answers counters as JSON
 //   INTEROP_LOG        0     1: one stderr line per request
 
@@ -54,6 +66,11 @@ const BEARER_SCOPE = 'authelia.bearer.authz';
 const ISSUER_PATH = '/auth'; // StandCloud serves Authelia under /auth
 const API_PATH = '/hardpy/api/v1';
 const DEVICE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
+// What Authelia 4.39.20 answers a poll of a denied, redeemed or unknown
+// device code (its library's server_error text and "Misconfigured code" hint).
+const MISCONFIGURED = 'The authorization server encountered an unexpected condition that prevented it '
+  + 'from fulfilling the request. Misconfigured code lead to an error that prohibited the OAuth 2.0 '
+  + 'Framework from processing this request.';
 
 function envInt(name, fallback) {
   const raw = process.env[name];
@@ -73,9 +90,29 @@ const settings = {
   slowDown: envInt('SLOW_DOWN', 1) === 1,
   accessDeniedStatus: envInt('ACCESS_DENIED_STATUS', 400),
   revokeAccessOnRefresh: envInt('REVOKE_ACCESS_ON_REFRESH', 1) === 1,
+  denyAsServerError: envInt('DENY_AS_SERVER_ERROR', 0) === 1,
+  emptyDeviceAuthErrors: envInt('EMPTY_DEVICE_AUTH_ERRORS', 0) === 1,
   stats: envInt('INTEROP_STATS', 0) === 1,
   log: envInt('INTEROP_LOG', 0) === 1,
 };
+
+// For --help: name, default, what it does.
+const SETTINGS_HELP = [
+  ['ACCESS_TOKEN_TTL', 3600, 'access-token lifetime'],
+  ['REFRESH_TOKEN_TTL', 5400, 'refresh-token lifetime, restarted by every refresh'],
+  ['DEVICE_CODE_TTL', 600, 'device and user code lifetime'],
+  ['POLL_INTERVAL', 5, '`interval` of the device authorization response'],
+  ['SLOW_DOWN', 1, '1: an early poll gets slow_down and restarts the timer (Authelia\'s library)'],
+  ['ACCESS_DENIED_STATUS', 400, 'HTTP status of access_denied (Authelia\'s library: 403)'],
+  ['REVOKE_ACCESS_ON_REFRESH', 1, '1: a refresh revokes the older access tokens (Authelia)'],
+  ['DENY_AS_SERVER_ERROR', 0, '1: a denied, redeemed or unknown device code gets 500 server_error'
+    + ' on every poll (the running Authelia 4.39.20)'],
+  ['EMPTY_DEVICE_AUTH_ERRORS', 0, '1: a refused device authorization answers its status with the'
+    + ' body {} (the running Authelia 4.39.20)'],
+  ['INTEROP_STATS', 0, '1: GET /__stats answers counters as JSON'],
+  ['INTEROP_LOG', 0, '1: one stderr line per request'],
+  ['PORT', 0, 'the port when --port is not given (0: a free one)'],
+];
 
 function parseArgs(argv) {
   const out = { host: '127.0.0.1', port: envInt('PORT', 0) };
@@ -86,8 +123,10 @@ function parseArgs(argv) {
     if (flag === '--port') out.port = Number(value());
     else if (flag === '--host') out.host = value();
     else if (flag === '-h' || flag === '--help') {
-      process.stdout.write('usage: node interop/server.js [--port N] [--host 127.0.0.1]\n'
-        + 'A local StandCloud for standcloud-auth; see interop/README.md.\n');
+      process.stdout.write('usage: [VARIABLE=value ...] node interop/server.js [--port N] [--host 127.0.0.1]\n'
+        + 'A local StandCloud for standcloud-auth; see interop/README.md.\n\n'
+        + 'Settings (environment variables; times in seconds):\n'
+        + SETTINGS_HELP.map(([name, fallback, what]) => `  ${name.padEnd(25)} ${String(fallback).padEnd(4)} ${what}\n`).join(''));
       process.exit(0);
     } else {
       process.stderr.write(`server.js: error: unknown argument ${arg}\n`);
@@ -103,8 +142,10 @@ function parseArgs(argv) {
 
 const stats = {
   device_authorization: 0,
+  device_authorization_refused: 0,
   device_code_polls: 0,
   device_code_tokens: 0,
+  device_code_server_error: 0, // polls answered 500 server_error (DENY_AS_SERVER_ERROR=1)
   slow_down: 0,
   refresh: 0, // successful refresh grants
   refresh_rejected: 0,
@@ -276,8 +317,10 @@ function buildProvider(base) {
 }
 
 // Authelia's rules that oidc-provider does not have: `interval` in the device
-// authorization response, slow_down, 403 for access_denied, and a refresh
-// revoking the older access tokens of the same login.
+// authorization response, slow_down, 403 for access_denied, a refresh
+// revoking the older access tokens of the same login, and (switched on) the
+// running server's 500 server_error for a dead device code and {} bodies for
+// refused device authorizations.
 function installAutheliaRules(provider) {
   const handlers = instance(provider).grantTypeHandlers;
   const deviceHandler = handlers.get(DEVICE_GRANT);
@@ -285,6 +328,19 @@ function installAutheliaRules(provider) {
   handlers.set(DEVICE_GRANT, async (ctx) => {
     stats.device_code_polls += 1;
     const code = ctx.oidc.params.device_code;
+    if (settings.denyAsServerError && code) {
+      // Authelia: a denied code (`error` set by the Deny), a redeemed one
+      // (`consumed`) or an unknown one: 500 on every poll. Answered here,
+      // before oidc-provider's handler, which would consume a denied code
+      // and revoke the tokens of a redeemed one.
+      const found = await provider.DeviceCode.find(String(code), { ignoreExpiration: true });
+      if (!found || found.consumed || found.error) {
+        stats.device_code_server_error += 1;
+        ctx.status = 500;
+        ctx.body = { error: 'server_error', error_description: MISCONFIGURED };
+        return;
+      }
+    }
     const now = Date.now();
     const previous = lastPoll.get(code);
     lastPoll.set(code, now); // Authelia restarts the timer on every poll
@@ -309,6 +365,14 @@ function installAutheliaRules(provider) {
     if (route === 'device_authorization' && ctx.status === 200 && ctx.body && ctx.body.device_code) {
       stats.device_authorization += 1;
       ctx.body.interval = settings.pollInterval;
+    } else if (route === 'device_authorization' && ctx.status >= 400) {
+      stats.device_authorization_refused += 1;
+      if (settings.emptyDeviceAuthErrors) {
+        // Authelia 4.39.20: the error's HTTP status, the body {}.
+        const { status } = ctx;
+        ctx.body = {};
+        ctx.status = status;
+      }
     } else if (route === 'revocation') {
       stats.revocation += 1;
     } else if (route === 'token') {
@@ -539,6 +603,11 @@ function indexPage(base) {
 <li>approve: open the link it shows, or <a href="${esc(verify)}">enter the code here</a>,
 or run <code>python interop/approve.py &lt;link&gt;</code></li>
 <li>discovery: <a href="${esc(base)}${ISSUER_PATH}/.well-known/openid-configuration">${esc(base)}${ISSUER_PATH}/.well-known/openid-configuration</a></li>
+<li>Authelia 4.39.20's answers: <code>DENY_AS_SERVER_ERROR=${settings.denyAsServerError ? 1 : 0}</code>
+(1: a Deny, a redeemed or an unknown device code get 500 <code>server_error</code> on every poll),
+<code>EMPTY_DEVICE_AUTH_ERRORS=${settings.emptyDeviceAuthErrors ? 1 : 0}</code>
+(1: a refused device authorization has the body <code>{}</code>); set them in the environment
+of <code>node interop/server.js</code></li>
 </ul>`);
 }
 
@@ -603,11 +672,18 @@ function main() {
     provider = buildProvider(base);
     providerCallback = provider.callback();
     process.stdout.write(`READY ${base}\n`);
+    const now = (on) => (on ? '1  (on) ' : '0  (off)');
     process.stderr.write([
       `local StandCloud at ${base} (oidc-provider; tokens live in memory)`,
       `  log in:   python standcloud_auth.py --url ${base} login`,
       `  approve:  open the link it shows in a browser (any login), or run`,
       `            python interop/approve.py <verification_uri_complete> [--deny]`,
+      `  Authelia 4.39.20's own answers, switched on by environment variables (interop/README.md):`,
+      `    DENY_AS_SERVER_ERROR=${now(settings.denyAsServerError)}  1: a Deny, a redeemed or an unknown device code`,
+      `        get 500 server_error on that poll and every later one (0: access_denied, then invalid_grant)`,
+      `    EMPTY_DEVICE_AUTH_ERRORS=${now(settings.emptyDeviceAuthErrors)}  1: a refused device authorization (unknown client,`,
+      `        empty form, audience not allowed) keeps its HTTP status, with the body {}`,
+      `    e.g. DENY_AS_SERVER_ERROR=1 EMPTY_DEVICE_AUTH_ERRORS=1 node interop/server.js --port ${address.port}`,
       `  stop:     Ctrl-C`,
       '',
     ].join('\n'));

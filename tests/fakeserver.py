@@ -1,13 +1,28 @@
 """An Authelia-like fake StandCloud over real sockets, standard library only.
 
-Used by the tests (through conftest.py) and by bench.py. It behaves as
-SERVER-NOTES.md describes Authelia:
+Used by the tests (through conftest.py) and by bench.py, and runnable by hand
+to try the CLI without an account (see main(); from the repository root:
+``python tests/fakeserver.py --port 8765``). It answers as Authelia does
+(as measured on Authelia 4.39.20 configured like StandCloud, where that
+differs from what its source suggests):
 
+- device authorization: 200 with the RFC 8628 fields; refused (empty form,
+  unknown client, a scope or -- when ``audiences`` is set -- an audience that
+  is not allowed) with 400/401 and an OAuth error body, or with the body
+  ``{}`` (no ``error`` at all, as the real Authelia 4.39.20) when
+  ``empty_device_errors`` is true;
 - device flow: ``slow_down`` (400) to a poll that comes less than one
-  interval after the previous one, and the timer restarts on every poll;
-  ``authorization_pending`` (400) even after the code has expired;
-  ``access_denied`` with HTTP 403; a device code used twice gives
-  ``server_error`` (500);
+  interval after the previous one, and the timer restarts on every poll (the
+  library's rule; the running server never sends it); ``authorization_pending``
+  (400) even after the code has expired;
+- a Deny (``approve(deny=True)``, the Deny button, ``deny_after``): with
+  ``deny_style="authelia"`` (the default) the next poll of that code and
+  every later one get 500 ``server_error`` "... Misconfigured code ...", as
+  the real server answers; with ``deny_style="rfc"`` they get
+  ``access_denied`` with ``denied_status`` (403, the library's; 400 is the
+  RFC's);
+- a device code already redeemed, or unknown: 500 ``server_error``, the same
+  body;
 - refresh: single-use refresh tokens; a refresh revokes the previous access
   token at once; presenting a rotated refresh token again revokes the whole
   token family (``invalid_grant``);
@@ -22,6 +37,8 @@ before the behaviour above: each is ``(status, headers, body)`` or a callable
 import json
 import os
 import random
+import shlex
+import shutil
 import string
 import sys
 import threading
@@ -34,6 +51,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import standcloud_auth as sca  # noqa: E402
 
 CONSENT_PATH = "/consent/openid/device-authorization"  # Authelia's verification page
+DENY_STYLES = ("authelia", "rfc")
+# What Authelia 4.39.20 answers a poll of a denied, redeemed or unknown device
+# code (fosite's server_error text and its "Misconfigured code" hint).
+MISCONFIGURED = ("The authorization server encountered an unexpected condition that prevented it from "
+                 "fulfilling the request. Misconfigured code lead to an error that prohibited the OAuth 2.0 "
+                 "Framework from processing this request.")
 _PAGE = (b"<!doctype html><title>Fake StandCloud</title><form method=post>"
          b"<p>Code <input name=user_code value='%s'></p>"
          b"<button name=decision value=allow>Allow</button> "
@@ -70,8 +93,12 @@ def _token(prefix):
 
 
 class FakeStandCloud(object):
-    def __init__(self, clock=None):
+    def __init__(self, clock=None, deny_style="authelia", empty_device_errors=False):
         self.clock = clock.monotonic if clock is not None else time.monotonic
+        self.deny_style = deny_style  # "authelia": a Deny is 500 server_error; "rfc": access_denied
+        self.denied_status = 403  # the HTTP status of access_denied with deny_style="rfc"
+        self.empty_device_errors = empty_device_errors  # device-authorization errors: body {}
+        self.audiences = None  # audiences the device authorization accepts (None: any)
         self.requests = []  # dicts: method, path, headers, form, body
         self.scripts = {}
         self.lock = threading.Lock()
@@ -83,6 +110,8 @@ class FakeStandCloud(object):
         self.refresh_tokens = {}  # token -> {"family", "active"}
         self.access_tokens = {}  # token -> {"family", "active", "expires"}
         self.approve_after = None  # approve automatically at this poll number
+        self.deny_after = None  # deny automatically at this poll number
+        self.notify = None  # called with a line of text on each login event (main() prints them)
         self.refresh_delay = 0.0  # real seconds a refresh takes (storms)
         self.slow_downs = 0  # slow_down answers sent
         self.httpd = None
@@ -111,6 +140,20 @@ class FakeStandCloud(object):
         self.httpd.server_close()
         self.thread.join(5)
 
+    @property
+    def deny_style(self):
+        return self._deny_style
+
+    @deny_style.setter
+    def deny_style(self, style):
+        if style not in DENY_STYLES:
+            raise ValueError("deny_style must be one of %s, not %r" % (", ".join(DENY_STYLES), style))
+        self._deny_style = style
+
+    def _tell(self, text):
+        if self.notify is not None:
+            self.notify(text)
+
     # -- scripting and inspection -------------------------------------------
     def script(self, path, *responses):
         self.scripts.setdefault(path, []).extend(responses)
@@ -125,10 +168,16 @@ class FakeStandCloud(object):
         return self.count(sca.TOKEN_PATH, grant_type=sca.DEVICE_GRANT)
 
     def approve(self, user_code=None, deny=False):
+        """Approve (or deny) the pending login with this user code, or every
+        pending one; returns how many it decided (a decision is final)."""
+        decided = 0
         with self.lock:
             for state in self.devices.values():
-                if user_code is None or state["user_code"] == user_code:
+                if (user_code is None or state["user_code"] == user_code) and state["status"] == "pending":
                     state["status"] = "denied" if deny else "approved"
+                    decided += 1
+                    self._tell("%s %s" % ("denied" if deny else "approved", state["user_code"]))
+        return decided
 
     def issue(self, family=None):
         """Mint a live token pair (as if a login had happened)."""
@@ -235,6 +284,11 @@ def _oauth_error(error, status=400, description=""):
     return status, {"Content-Type": "application/json", "Cache-Control": "no-store"}, json.dumps(body).encode()
 
 
+def _server_error():
+    """Authelia's answer to a poll of a denied, redeemed or unknown device code."""
+    return _oauth_error("server_error", 500, MISCONFIGURED)
+
+
 def _ok(obj, status=200):
     return status, {"Content-Type": "application/json", "Cache-Control": "no-store"}, json.dumps(obj).encode()
 
@@ -319,14 +373,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _device(self, form):
         fake = self.fake
-        if form.get("client_id") != sca.CLIENT_ID:
-            return _oauth_error("invalid_client", 401)
+        refusal = None
+        scopes = form.get("scope", "").split()
+        if not form:
+            refusal = ("invalid_request", 400, "The request is missing a required parameter.")
+        elif form.get("client_id") != sca.CLIENT_ID:
+            refusal = ("invalid_client", 401, "Client authentication failed (e.g., unknown client).")
+        elif any(scope not in sca.SCOPE.split() for scope in scopes):
+            refusal = ("invalid_scope", 400, "The requested scope is invalid, unknown, or malformed.")
+        elif fake.audiences is not None and form.get("audience") not in fake.audiences:
+            refusal = ("invalid_target", 400, "The requested audience is not allowed for this client.")
+        if refusal is not None:
+            if fake.empty_device_errors:  # Authelia 4.39.20: the status, and the body {}
+                return refusal[1], {"Content-Type": "application/json", "Cache-Control": "no-store"}, b"{}"
+            return _oauth_error(*refusal)
         device_code = _token("authelia_dc_")
         user_code = "".join(random.choice("BCDFGHJKLMNPQRSTVWXZ") for _ in range(8))
         with fake.lock:
             fake.devices[device_code] = {"user_code": user_code, "status": "pending", "last": fake.clock(),
                                          "expires": fake.clock() + fake.expires_in, "polls": 0}
         page = "http://127.0.0.1:%d%s" % (self.server.server_address[1], CONSENT_PATH)
+        fake._tell("login started: user code %s-%s, page %s?user_code=%s"
+                   % (user_code[:4], user_code[4:], page, user_code))
         return _ok({"device_code": device_code, "user_code": user_code, "verification_uri": page,
                     "verification_uri_complete": page + "?user_code=" + user_code,
                     "expires_in": fake.expires_in - 1, "interval": fake.interval})
@@ -335,10 +403,12 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.fake
         with fake.lock:
             state = fake.devices.get(form.get("device_code", ""))
-            if state is None:
-                return _oauth_error("invalid_grant", 400, "unknown device code")
-            if state["status"] == "used":
-                return _oauth_error("server_error", 500, "Misconfigured code")
+            authelia = fake.deny_style == "authelia"
+            if state is None or state["status"] == "used" or (authelia and state["status"] == "denied"):
+                # Unknown, redeemed, or (Authelia) denied: 500 on this poll and every later one.
+                if state is not None:
+                    fake._tell("poll of %s (%s): 500 server_error" % (state["user_code"], state["status"]))
+                return _server_error()
             now = fake.clock()
             early = state["last"] + fake.interval > now
             state["last"] = now  # Authelia restarts its timer even on slow_down
@@ -346,15 +416,23 @@ class _Handler(BaseHTTPRequestHandler):
                 fake.slow_downs += 1
                 return _oauth_error("slow_down")
             state["polls"] += 1
-            if fake.approve_after is not None and state["polls"] >= fake.approve_after and state["status"] == "pending":
-                state["status"] = "approved"
+            if state["status"] == "pending":
+                for after, status in ((fake.deny_after, "denied"), (fake.approve_after, "approved")):
+                    if after is not None and state["polls"] >= after:
+                        state["status"] = status
+                        fake._tell("%s %s (poll %d)" % (status, state["user_code"], state["polls"]))
+                        break
             if state["status"] == "pending":
                 return _oauth_error("authorization_pending")
             if state["status"] == "denied":
-                return _oauth_error("access_denied", 403)
+                if authelia:
+                    fake._tell("poll of %s (denied): 500 server_error" % state["user_code"])
+                    return _server_error()
+                return _oauth_error("access_denied", fake.denied_status, "The resource owner denied the request.")
             if now > state["expires"]:
                 return _oauth_error("expired_token")
             state["status"] = "used"
+            fake._tell("tokens issued for %s" % state["user_code"])
             return _ok(fake._issue(_token("fam_")))
 
     def _refresh(self, form):
@@ -388,29 +466,102 @@ class _Handler(BaseHTTPRequestHandler):
         code = code.replace("-", "").upper()
         note = b""
         if self.command == "POST":
-            known = any(state["user_code"] == code for state in self.fake.devices.values())
-            self.fake.approve(code, deny=form.get("decision") == "deny")
-            note = (b"Done: " + form.get("decision", "").encode("ascii", "replace")) if known else b"Unknown code."
+            deny = form.get("decision") == "deny"
+            if code and self.fake.approve(code, deny=deny):
+                note = b"Done: deny. The station's next poll is refused." if deny else \
+                    b"Done: allow. The station signs in at its next poll."
+            else:
+                note = b"Unknown code, or this login was already decided."
         safe = "".join(c for c in code if c.isalnum()).encode("ascii", "replace")
         return 200, {"Content-Type": "text/html; charset=utf-8"}, _PAGE % (safe, note)
 
 
+def _command(*words):
+    """A shell command line for the person to copy (POSIX or Windows quoting)."""
+    if os.name == "nt":
+        return " ".join('"%s"' % w if " " in w else w for w in words)
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _cli_command(base, command):
+    """How to run the CLI from the current folder: python standcloud_auth.py --url B <command>."""
+    module = os.path.abspath(sca.__file__)
+    if module.endswith((".pyc", ".pyo")):
+        module = module[:-1]
+    try:
+        relative = os.path.relpath(module)
+    except ValueError:  # Windows: another drive
+        relative = module
+    if not relative.startswith(os.pardir) or relative == os.path.join(os.pardir, os.path.basename(module)):
+        module = relative  # from the repository root, or from tests/
+    python = "python" if shutil.which("python") else "python3" if shutil.which("python3") else sys.executable
+    return _command(python, module, "--url", base, *command.split())
+
+
 def main(argv=None):
-    """Run the fake StandCloud by hand: ``python fakeserver.py [--port N]``."""
+    """Run the fake StandCloud by hand, to try the CLI without an account.
+
+    From the repository root: ``python tests/fakeserver.py --port 8765``; it
+    prints the command to run next and one line per login event."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="A fake StandCloud for trying standcloud-auth by hand.")
+    parser = argparse.ArgumentParser(
+        prog="fakeserver.py",
+        description="An Authelia-like fake StandCloud on 127.0.0.1 for trying standcloud-auth by hand "
+                    "(standard library only; everything lives in memory).",
+        epilog="Approve a login on the page its address opens (Allow or Deny), or let the server decide "
+               "by itself with --approve-after or --deny-after.")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
-    parser.add_argument("--interval", type=int, default=2, help="device-flow poll interval in seconds")
-    parser.add_argument("--approve-after", type=int, metavar="POLLS",
-                        help="approve every login by itself at this poll (default: approve in the browser)")
+    parser.add_argument("--interval", type=int, default=2, metavar="SECONDS",
+                        help="the poll interval the server asks for (default: 2; Authelia's is 10)")
+    decide = parser.add_mutually_exclusive_group()
+    decide.add_argument("--approve-after", type=int, metavar="POLLS",
+                        help="approve every login by itself at its POLLS-th poll (about POLLS x interval "
+                             "seconds after it starts); default: approve on the page")
+    decide.add_argument("--deny-after", type=int, metavar="POLLS",
+                        help="deny every login by itself at its POLLS-th poll")
+    parser.add_argument("--deny-style", choices=DENY_STYLES, default="authelia",
+                        help="how polls of a denied code are answered: authelia (default): 500 server_error "
+                             "on that poll and every later one, as the real server; rfc: 403 access_denied")
+    parser.add_argument("--empty-device-errors", action="store_true",
+                        help="answer a refused device authorization with the body {} (no error name), "
+                             "as the real server does")
     args = parser.parse_args(argv)
-    fake = FakeStandCloud()
-    fake.interval, fake.approve_after = args.interval, args.approve_after
-    fake.start(port=args.port)
-    print("Fake StandCloud at %s (Ctrl-C stops it)" % fake.base, flush=True)
-    print("Log in:  python standcloud_auth.py --url %s login" % fake.base, flush=True)
-    print("Approve: open the address it shows in a browser and press Allow", flush=True)
+    for name in ("approve_after", "deny_after"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error("--%s takes a poll number from 1" % name.replace("_", "-"))
+    if args.interval < 1:
+        parser.error("--interval takes whole seconds from 1")
+    fake = FakeStandCloud(deny_style=args.deny_style, empty_device_errors=args.empty_device_errors)
+    fake.interval, fake.approve_after, fake.deny_after = args.interval, args.approve_after, args.deny_after
+    fake.notify = lambda text: print("  [%s] %s" % (time.strftime("%H:%M:%S"), text), flush=True)
+    try:
+        fake.start(port=args.port)
+    except OSError as e:
+        sys.stderr.write("fakeserver.py: error: cannot listen on 127.0.0.1:%d: %s\n" % (args.port, e))
+        return 1
+    if args.approve_after:
+        decision = "by itself: each login is approved at its poll %d (--approve-after)" % args.approve_after
+    elif args.deny_after:
+        decision = "by itself: each login is denied at its poll %d (--deny-after)" % args.deny_after
+    else:
+        decision = "open the address the login shows (a page of this server) and press Allow or Deny"
+    deny = ("the next poll and every later one get 500 server_error, as Authelia" if args.deny_style == "authelia"
+            else "polls get %d access_denied (--deny-style rfc)" % fake.denied_status)
+    lines = [
+        "Fake StandCloud (Authelia-like) at %s; Ctrl-C stops it." % fake.base,
+        "",
+        "Next, in another terminal in this folder, run:",
+        "",
+        "    " + _cli_command(fake.base, "login"),
+        "",
+        "Approval: " + decision + ".",
+        "A Deny: " + deny + ".",
+        "Afterwards try: " + _cli_command(fake.base, "token") + "   (also healthcheck, status, logout)",
+        "",
+        "Login events:",
+    ]
+    print("\n".join(lines), flush=True)
     try:
         while True:
             time.sleep(3600)
