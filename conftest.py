@@ -6,6 +6,7 @@ runners (in-process and as a real subprocess).
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,23 +22,43 @@ sys.path.insert(0, TESTS)
 import standcloud_auth as sca  # noqa: E402
 from fakeserver import FakeClock, FakeStandCloud  # noqa: E402,F401
 
+# A shell starts a background job (`pytest &`) with SIGINT ignored, and a child
+# inherits that: Python would then never raise KeyboardInterrupt, and every test
+# that presses Ctrl-C in a real process would wait for its timeout. A handler
+# (unlike "ignore") is reset to the default in each child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 # -- fixtures ------------------------------------------------------------------
+
+
+def _foreign(name):
+    """A variable that would let the caller's settings into a test."""
+    return name.startswith("STANDCLOUD_") or name.lower() in (
+        "http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file", "ssl_cert_dir")
+
+
+def isolation(home):
+    """The environment changes that isolate a process in ``home`` (a folder):
+    for ``run_cli(env=...)`` from fixtures wider than one test, which
+    ``isolated_env`` has not yet reached. A None value removes the variable."""
+    home = str(home)
+    env = {name: None for name in os.environ if _foreign(name)}
+    env.update(HOME=home, XDG_CONFIG_HOME=os.path.join(home, ".config"), APPDATA=os.path.join(home, "AppData"))
+    return env
 
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
     """No test touches a real store, a real proxy or the caller's settings."""
-    for name in list(os.environ):
-        if name.startswith("STANDCLOUD_") or name.lower() in (
-            "http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file", "ssl_cert_dir"
-        ):
-            monkeypatch.delenv(name)
     home = tmp_path / "home"
     home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("APPDATA", str(home / "AppData"))
+    for name, value in isolation(home).items():
+        if value is None:
+            monkeypatch.delenv(name)
+        else:
+            monkeypatch.setenv(name, value)
     return home
 
 
@@ -86,7 +107,8 @@ def store_path(tmp_path, monkeypatch):
 
 
 def write_store(path, servers, mode=0o600):
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():  # a folder of our own, as the module wants it (whatever the umask)
+        path.parent.mkdir(parents=True, mode=0o700)
     path.write_text(json.dumps({"version": 1, "servers": servers}))
     os.chmod(str(path), mode)
     return path
@@ -98,6 +120,15 @@ def entry_for(tokens, now, **overrides):
              "scope": sca.SCOPE, "updated_at": now}
     entry.update(overrides)
     return entry
+
+
+def listing(folder):
+    """Every path under ``folder`` (files and folders), relative."""
+    found = set()
+    for root, dirs, files in os.walk(str(folder)):
+        for name in dirs + files:
+            found.add(os.path.relpath(os.path.join(root, name), str(folder)))
+    return found
 
 
 def error_lines(err):
@@ -140,12 +171,20 @@ class _Terminal(io.TextIOWrapper):
         return True
 
 
+_HELD_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
 @pytest.fixture
 def cli():
     """Run main(argv) in-process; returns Result(code, out, err) as text.
 
-    ``tty=True`` makes stderr look like a terminal; ``encoding=`` sets its
-    encoding; ``stdin=`` gives bytes to read."""
+    ``tty=True`` makes stderr look like a terminal of ``size=(columns,
+    lines)``, 80 x 24 unless given (the login screen asks
+    shutil.get_terminal_size, which honours COLUMNS and LINES); ``encoding=``
+    sets stderr's encoding; ``stdin=`` gives bytes to read. Whatever main()
+    changes for the process is put back: sys.stdin/stdout/stderr, COLUMNS
+    and LINES, the module's ``_run_as``; and a signal handler that main()
+    left changed fails the test."""
 
     def run(*argv, **kwargs):
         out, err = io.BytesIO(), io.BytesIO()
@@ -153,26 +192,66 @@ def cli():
         out_text = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
         err_text = (_Terminal if kwargs.get("tty") else io.TextIOWrapper)(err, encoding=kwargs.get("encoding", "utf-8"),
                                                                          write_through=True)
+        size = kwargs.get("size", (80, 24) if kwargs.get("tty") else None)
         saved = sys.stdout, sys.stderr, sys.stdin
+        saved_env = {name: os.environ.get(name) for name in ("COLUMNS", "LINES")}
+        saved_run_as = sca._run_as
+        handlers = [signal.getsignal(signum) for signum in _HELD_SIGNALS]
+        if size is not None:
+            os.environ["COLUMNS"], os.environ["LINES"] = str(size[0]), str(size[1])
         sys.stdout, sys.stderr, sys.stdin = out_text, err_text, stdin
         try:
             code = sca.main(list(argv))
         finally:
             sys.stdout, sys.stderr, sys.stdin = saved
+            sca._run_as = saved_run_as
+            for name, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            changed = [signum for signum, handler in zip(_HELD_SIGNALS, handlers) if signal.getsignal(signum) != handler]
+            for signum, handler in zip(_HELD_SIGNALS, handlers):
+                if signum in changed and handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(signum, handler)
+        assert not changed, "main() left the handler of signal(s) %s changed" % changed
         return Result(code, out.getvalue().decode("utf-8"), err.getvalue().decode("utf-8"))
 
     return run
 
 
-def run_cli(*argv, **kwargs):
-    """Run the CLI as a real subprocess; returns Result."""
+def _environ(overrides):
     env = dict(os.environ)
-    env.update(kwargs.pop("env", {}))
-    timeout = kwargs.pop("timeout", 30)
-    stdin = kwargs.pop("stdin", b"")
-    cmd = [sys.executable, MODULE] + list(argv)
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, cwd=kwargs.pop("cwd", None))
+    for name, value in (overrides or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def start_cmd(cmd, env=None, cwd=None):
+    """Start ``cmd`` as a real process with this test's (isolated) environment
+    updated by ``env`` (a None value removes a variable); ``finish_cli``
+    collects it."""
+    return subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_environ(env), cwd=None if cwd is None else str(cwd))
+
+
+def run_cmd(cmd, env=None, cwd=None, stdin=b"", timeout=30):
+    """Run ``cmd`` (see start_cmd) -> Result."""
+    return finish_cli(start_cmd(cmd, env, cwd), stdin, timeout)
+
+
+def start_cli(*argv, **kwargs):
+    """Start the CLI as a real subprocess (``sys.executable MODULE argv``)
+    and return the Popen; ``finish_cli`` collects it. ``env=`` updates the
+    environment (a None value removes a variable)."""
+    return start_cmd([sys.executable, MODULE] + list(argv), kwargs.get("env"), kwargs.get("cwd"))
+
+
+def finish_cli(proc, stdin=b"", timeout=30):
+    """Wait for a process from start_cli (killed after ``timeout``) -> Result."""
     try:
         out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -180,6 +259,37 @@ def run_cli(*argv, **kwargs):
         proc.communicate()
         raise
     return Result(proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+
+def run_cli(*argv, **kwargs):
+    """Run the CLI as a real subprocess; returns Result. ``env=`` updates the
+    environment (a None value removes a variable); ``stdin=`` bytes,
+    ``timeout=`` seconds, ``cwd=``."""
+    proc = start_cli(*argv, env=kwargs.get("env"), cwd=kwargs.get("cwd"))
+    return finish_cli(proc, kwargs.get("stdin", b""), kwargs.get("timeout", 30))
+
+
+def run_cli_many(argvs, env=None, timeout=30, cwd=None, jobs=8):
+    """Run the CLI once for each argv in ``argvs``, up to ``jobs`` processes
+    at a time, each a fresh interpreter; the Results in the same order. For
+    tables of cases: one by one, interpreter start-ups add up. ``env`` is
+    one dict for all, or a list of one per argv."""
+    envs = env if isinstance(env, list) else [env] * len(argvs)
+    results = []
+    for start in range(0, len(argvs), jobs):
+        procs = []
+        try:
+            for argv, each in zip(argvs[start:start + jobs], envs[start:start + jobs]):
+                procs.append(start_cli(*argv, env=each, cwd=cwd))
+            for proc in list(procs):
+                results.append(finish_cli(proc, timeout=timeout))
+                procs.remove(proc)
+        finally:
+            for proc in procs:  # a failure above: leave no process behind
+                if proc.returncode is None:
+                    proc.kill()
+                    proc.communicate()
+    return results
 
 
 def free_port():

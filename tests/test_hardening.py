@@ -7,20 +7,27 @@ clock, so polling is instant) and asserts the exit code, exactly one
 ``standcloud-auth: error:`` line (none when the command must succeed), no
 traceback, a bounded wall time, what reached stdout, and the store file:
 byte-for-byte unchanged unless the contract says it changes (a login stores
-tokens, a logout removes the entry, a 401 refreshes).
+tokens, a logout removes the entry, a 401 refreshes). A store that really
+cannot be read runs the CLI as a subprocess without the right to read it
+(see ``unprivileged()``, also used by test_inputs.py).
+
+v2 changes the rows at the refresh endpoint: an answer lost once the refresh
+was sent (stall, trickle, hang-up) is awaited REFRESH_WAIT and then reported
+as lost, "the server may already have rotated the session" (exit 4).
 """
 
 import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 
 import pytest
 
 import standcloud_auth as sca
-from conftest import entry_for, error_lines, write_store
+from conftest import MODULE, entry_for, error_lines, write_store
 from fakeserver import chunked, stall, trickle
 
 TIMEOUT = "0.3"  # --timeout for every row: a stall must end in about this
@@ -221,6 +228,22 @@ NEEDLES = {
     "redirect_same": "redirect", "redirect_other": "redirect",
 }
 
+# v2 (contract, Token store): once a refresh is sent, its answer is awaited
+# REFRESH_WAIT (max with --timeout); an answer that is lost -- a stall, a
+# trickle cut off at the deadline, a hang-up -- may have rotated the session,
+# and the message must say so instead of "try again later". The rows patch
+# REFRESH_WAIT down to --timeout, so that they stay fast.
+REFRESH_ENDPOINTS = ("token", "refresh")
+LOST = ("stall", "trickle", "closed")
+
+
+def _check_lost_refresh(line, base):
+    assert "the answer to the refresh sent to %s%s was lost" % (base, sca.TOKEN_PATH) in line, line
+    assert "the server may already have rotated the session" in line, line
+    assert "run 'standcloud-auth --url %s token' again" % base in line, line
+    assert "if it then says the session has ended, run 'standcloud-auth --url %s login'" % base in line, line
+    assert "try again later" not in line and "timed out" not in line, line
+
 
 def _path_of(endpoint):
     return {
@@ -255,7 +278,8 @@ def _prepare_store(endpoint, server, store_path, clock):
 
 
 @pytest.mark.parametrize("endpoint, answer, expect", ROWS)
-def test_hostile_answer(cli, server, store_path, clock, endpoint, answer, expect):
+def test_hostile_answer(cli, server, store_path, clock, monkeypatch, endpoint, answer, expect):
+    monkeypatch.setattr(sca, "REFRESH_WAIT", float(TIMEOUT))  # 30 s in use: see REFRESH_ENDPOINTS
     server.interval = 1  # contract: the poll waits `interval`; fake clock, so instant
     server.approve_after = 1  # a poll after a retried failure is approved
     other, secrets = _prepare_store(endpoint, server, store_path, clock)
@@ -306,11 +330,20 @@ def test_hostile_answer(cli, server, store_path, clock, endpoint, answer, expect
     assert result.code == code, result
     assert len(errors) == 1, result
     assert warnings == [], result
-    if answer in NEEDLES:
+    if endpoint in REFRESH_ENDPOINTS and answer in LOST:
+        _check_lost_refresh(errors[0], server.base)
+    elif answer in NEEDLES:
         assert NEEDLES[answer] in errors[0], result
+    if endpoint in REFRESH_ENDPOINTS and answer == "garbage":
+        # v2: an answer that came, but is not HTTP, is still a server error (5), not a lost one.
+        assert "did not answer with valid HTTP" in errors[0] and "was lost" not in errors[0], result
     if answer in ("empty_400", "empty_401") and endpoint in ("poll", "token", "refresh"):
         # Contract: "exit 3, with the HTTP status in the message, and the store unchanged".
         assert answer[-3:] in errors[0], result
+    if answer in ("empty_400", "empty_401") and endpoint == "device":
+        # v2: a refusal without an OAuth error body (Authelia's {} or nothing) is exit 5, with the status.
+        assert "the server refused to start a login (HTTP %s from %s%s)" % (answer[-3:], server.base, sca.DEVICE_PATH) \
+            in errors[0], result
     if expect == "401":
         # The one retry refreshed (rotation) and stored the new tokens; never a second retry.
         assert server.count(_path_of(endpoint)) == 2 and server.refreshes() == 1
@@ -348,6 +381,30 @@ def test_hostile_table_covers_every_listed_answer_on_every_endpoint():
     for answer, cells in TABLE:
         for endpoint, cell in zip(ENDPOINTS, cells):
             assert (cell is None) == (endpoint in not_applicable.get(answer, ())), (answer, endpoint)
+
+
+@pytest.mark.parametrize("endpoint, answer", [("token", "stall"), ("refresh", "trickle")])
+def test_hostile_refresh_answer_is_awaited_refresh_wait_not_timeout(cli, server, store_path, clock, monkeypatch,
+                                                                    endpoint, answer):
+    # The table patches REFRESH_WAIT down to --timeout; here it is longer, as
+    # in use (30 s against 10): the client waits it out, not just --timeout,
+    # and then says that the answer was lost.
+    wait = 2 * float(TIMEOUT)
+    monkeypatch.setattr(sca, "REFRESH_WAIT", wait)
+    _prepare_store(endpoint, server, store_path, clock)
+    before = store_path.read_bytes()
+    server.script(sca.TOKEN_PATH, stall(3 * wait) if answer == "stall" else trickle(180, 0.05, prefix=b'{"a": "'))
+    started = time.monotonic()
+    result = cli(*_argv(endpoint, server.base))
+    elapsed = time.monotonic() - started
+    assert wait - 0.05 <= elapsed < wait + 1.0, (elapsed, result)
+    _assert_one_error(result, 4)
+    line = error_lines(result.err)[0]
+    _check_lost_refresh(line, server.base)
+    # The reason must not say it gave up after --timeout: it waited REFRESH_WAIT.
+    assert "no answer in %s s" % TIMEOUT not in line, line
+    assert store_path.read_bytes() == before
+    assert server.refreshes() == 1
 
 
 # -- broken token stores, for every command ------------------------------------
@@ -464,34 +521,154 @@ def test_store_readable_by_others_warns_and_works(cli, server, store_path, clock
         assert store_path.read_bytes() == before
 
 
-@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root reads a 0000 file anyway")
-@pytest.mark.parametrize("command", COMMANDS)
-def test_store_unreadable_exit_2(cli, server, store_path, clock, command):
-    _live_store(server, store_path, clock, 0o000)
-    try:
-        result = cli(*_command_argv(command, server.base))
-    finally:
-        os.chmod(str(store_path), 0o600)
-    _check_unreadable(result, store_path, server)
-
-
 @pytest.mark.parametrize("command", COMMANDS)
 def test_store_unreadable_simulated_exit_2(cli, server, store_path, clock, command, monkeypatch):
-    # The same as a 0000 file, also when the tests run as root: opening the
-    # store fails with EACCES.
+    # The same as a 0000 file, in-process and whoever runs the tests: opening
+    # the store fails with EACCES. v2 opens it with os.open (O_NONBLOCK, for a
+    # FIFO), so that is what refuses; the builtin open() too, should it come back.
     _live_store(server, store_path, clock, 0o600)
     before = store_path.read_bytes()
-    real_open = open
+    real_os_open, real_open, refused, active = os.open, open, [], [True]
+
+    def denied(path):
+        if active and os.path.abspath(os.fsdecode(path)) == str(store_path):
+            refused.append(path)
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+
+    def denying_os_open(path, *args, **kwargs):
+        denied(path)
+        return real_os_open(path, *args, **kwargs)
 
     def denying_open(path, *args, **kwargs):
-        if os.path.abspath(str(path)) == str(store_path):
-            raise PermissionError(13, "Permission denied", str(path))
+        if not isinstance(path, int):
+            denied(path)
         return real_open(path, *args, **kwargs)
 
+    monkeypatch.setattr(os, "open", denying_os_open)
     monkeypatch.setattr(sca, "open", denying_open, raising=False)  # shadows the builtin in the module
     result = cli(*_command_argv(command, server.base))
+    del active[:]  # the test's own reads below are not refused
+    assert refused, "the store was never opened: the simulation missed"
     _check_unreadable(result, store_path, server)
+    assert "Permission denied" in error_lines(result.err)[0]
     assert store_path.read_bytes() == before
+
+
+# -- a store that really cannot be read: a real process, real permissions -----
+#
+# Root reads a 0000 file anyway (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH). Where
+# the tests run as root, the CLI runs without those two capabilities (dropped
+# from the bounding set before exec, so it stays uid 0 and its folder is still
+# its own); failing that, as `nobody` in a folder of nobody's. Elsewhere it
+# runs as the user, who cannot read a 0000 file.
+
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
+_UNPRIVILEGED = {}
+
+
+def _drop_dac_capabilities():  # preexec_fn: runs in the child, before exec
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            os._exit(97)
+
+
+def _as_nobody():
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    os.setgroups([])
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+
+
+def _probe(preexec, folder):
+    """Whether a Python run with ``preexec`` is refused a 0000 file in ``folder``."""
+    probe = os.path.join(folder, "probe")
+    with open(probe, "w") as handle:
+        handle.write("x")
+    os.chmod(probe, 0)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "open(%r).read()" % probe], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, preexec_fn=preexec, cwd=folder)
+        out, err = proc.communicate(timeout=30)
+        return proc.returncode == 1 and b"PermissionError" in err
+    except OSError:
+        return False
+    finally:
+        os.unlink(probe)
+
+
+def unprivileged():
+    """(preexec_fn, folder owner uid or None) to run the CLI where a 0000 file
+    is unreadable; pytest.skip with the reason where nothing works."""
+    if sys.platform == "win32":
+        pytest.skip("POSIX permissions")
+    if os.geteuid() != 0:
+        return None, None
+    if not _UNPRIVILEGED:
+        import tempfile
+
+        folder = tempfile.mkdtemp()
+        try:
+            os.chmod(folder, 0o777)  # nobody writes its probe's file here
+            if sys.platform.startswith("linux") and _probe(_drop_dac_capabilities, folder):
+                _UNPRIVILEGED["how"] = (_drop_dac_capabilities, None)
+            elif _probe(_as_nobody, folder):
+                import pwd
+
+                _UNPRIVILEGED["how"] = (_as_nobody, pwd.getpwnam("nobody").pw_uid)
+            else:
+                _UNPRIVILEGED["how"] = None
+        finally:
+            for name in os.listdir(folder):
+                os.unlink(os.path.join(folder, name))
+            os.rmdir(folder)
+    if _UNPRIVILEGED["how"] is None:
+        pytest.skip("running as root, and neither dropping CAP_DAC_OVERRIDE nor running as nobody made a "
+                    "0000 file unreadable (nobody may not reach this Python)")
+    return _UNPRIVILEGED["how"]
+
+
+class _Result(object):
+    def __init__(self, code, out, err):
+        self.code, self.out, self.err = code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+    def __repr__(self):
+        return "Result(code=%r, out=%r, err=%r)" % (self.code, self.out, self.err)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_store_unreadable_exit_2(live_server, tmp_path, command):
+    import shutil
+    import tempfile
+
+    preexec, owner = unprivileged()
+    # nobody must reach the folder: not under pytest's private temporary folder
+    top = tmp_path if owner is None else type(tmp_path)(tempfile.mkdtemp())
+    store_path = top / "store" / "tokens.json"
+    try:
+        write_store(store_path, {live_server.base: entry_for(live_server.issue(), time.time())})
+        before = store_path.read_bytes()
+        os.chmod(str(store_path), 0o000)
+        if owner is not None:
+            os.chmod(str(top), 0o755)
+            for path in (store_path.parent, store_path):
+                os.chown(str(path), owner, -1)
+        argv = [sys.executable, MODULE, "--store", str(store_path)] + _command_argv(command, live_server.base)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=preexec, cwd=str(top))
+        result = _Result(proc.returncode, *proc.communicate(timeout=30))
+        result.code = proc.returncode
+        _check_unreadable(result, store_path, live_server)
+        assert "cannot read the token store %s (Permission denied)" % store_path in result.err, result
+        os.chmod(str(store_path), 0o600)
+        assert store_path.read_bytes() == before
+    finally:
+        if owner is not None:
+            shutil.rmtree(str(top), ignore_errors=True)
 
 
 def _check_unreadable(result, store_path, server):

@@ -4,15 +4,23 @@ The server is interop/server.js: oidc-provider (a certified OpenID Connect
 implementation, pinned in interop/package-lock.json) laid out like StandCloud,
 with the StandCloud API routes beside it. Each test runs
 ``python standcloud_auth.py --url B --store S <command>`` as a subprocess and
-plays the person's side of the device flow with interop/approve.py.
+plays the person's side of the device flow with interop/approve.py. One
+server runs with the switches that give the running Authelia 4.39.20's
+answers (a Deny is a 500 server_error; refused device authorizations have the
+body {}); the last section checks that the Python fake (tests/fakeserver.py)
+gives the same answers, and that it runs by hand as its banner says.
 
 Needs Node.js and ``npm ci --prefix interop``; without them the tests are
-skipped, or fail when STANDCLOUD_INTEROP_REQUIRED=1 (CI).
+skipped (the fake's tests still run), or fail when
+STANDCLOUD_INTEROP_REQUIRED=1 (CI).
 """
 
 import json
 import os
+import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -32,11 +40,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTEROP = os.path.join(ROOT, "interop")
 CLI = os.path.join(ROOT, "standcloud_auth.py")
 sys.path.insert(0, INTEROP)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import approve as approve_mod  # noqa: E402  (interop/approve.py)
+import fakeserver  # noqa: E402  (tests/fakeserver.py, beside this file)
 
 CLIENT_ID = "hardpy-report-uploader"
 REQUIRED = os.environ.get("STANDCLOUD_INTEROP_REQUIRED", "").strip() == "1"
 CLI_TIMEOUT = 30  # seconds any one CLI run may take
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+SCOPE = "offline_access authelia.bearer.authz"
+# What Authelia 4.39.20 answers a poll of a denied, redeemed or unknown device code.
+MISCONFIGURED = {"error": "server_error", "error_description": fakeserver.MISCONFIGURED}
 
 
 def _unavailable(reason):
@@ -151,6 +165,16 @@ def short_server(tmp_path_factory):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def authelia_server(tmp_path_factory):
+    """The running Authelia 4.39.20's answers: a Deny, a redeemed or an unknown
+    device code get 500 server_error on every poll; a refused device
+    authorization has the body {}."""
+    s = _server(tmp_path_factory, "authelia", DENY_AS_SERVER_ERROR=1, EMPTY_DEVICE_AUTH_ERRORS=1)
+    yield s
+    s.stop()
+
+
 # ==== the CLI ================================================================
 
 
@@ -169,12 +193,13 @@ class Run(object):
             self.returncode, " ".join(self.args[2:]), self.stdout, self.stderr)
 
 
-def cli_args(server, store, *args):
-    return [sys.executable, CLI, "--url", server.base, "--store", str(store)] + list(args)
+def cli_args(server, store, *args, **kwargs):
+    url = kwargs.get("url") or server.base
+    return [sys.executable, CLI, "--url", url, "--store", str(store)] + list(args)
 
 
 def cli(server, store, *args, **kwargs):
-    argv = cli_args(server, store, *args)
+    argv = cli_args(server, store, *args, url=kwargs.get("url"))
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=_env(), universal_newlines=True,
                             cwd=kwargs.get("cwd"))
@@ -190,16 +215,23 @@ def cli(server, store, *args, **kwargs):
 class Login(object):
     """The outcome of one `login --no-qr --json`: exit code, events, stderr."""
 
-    def __init__(self, run, events, authorize, seconds):
+    def __init__(self, run, events, authorize, seconds, timed_out=False):
         self.run, self.events, self.authorize, self.seconds = run, events, authorize, seconds
         self.returncode = run.returncode
+        self.timed_out = timed_out  # killed: still running after `wait` seconds
 
     def __repr__(self):
         return repr(self.run)
 
 
-def login(server, store, decision="approve", *extra):
-    """Run login; act as the person (approve, deny, or nobody) once it shows the code."""
+def login(server, store, decision="approve", *extra, **options):
+    """Run login; act as the person (approve, deny, or nobody) once it shows the code.
+
+    ``after_decision()`` is called once the person has decided; ``wait`` is
+    how many seconds the login may run on after that (default CLI_TIMEOUT)."""
+    after_decision = options.get("after_decision")
+    wait = options.get("wait", CLI_TIMEOUT)
+    timed_out = False
     argv = cli_args(server, store, "login", "--no-qr", "--json", *extra)
     started = time.time()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -231,8 +263,11 @@ def login(server, store, decision="approve", *extra):
                 and decision != "nobody":
             approve_mod.approve(authorize["verification_uri_complete"], authorize["user_code"],
                                 deny=(decision == "deny"))
-        proc.wait(timeout=CLI_TIMEOUT)
+            if after_decision is not None:
+                after_decision()
+        proc.wait(timeout=wait)
     except (Empty, subprocess.TimeoutExpired):
+        timed_out = True
         proc.kill()
     except BaseException:
         proc.kill()
@@ -257,7 +292,7 @@ def login(server, store, decision="approve", *extra):
             events.append(json.loads(line))
         except ValueError:
             pytest.fail("login --json printed a line that is not JSON: %r\n%r" % (line, run))
-    return Login(run, events, authorize, time.time() - started)
+    return Login(run, events, authorize, time.time() - started, timed_out)
 
 
 def read_store(store):
@@ -455,6 +490,122 @@ def test_login_code_expires(short_server, tmp_path):
     assert not os.path.exists(str(store)) or entry(store, short_server) is None, result
 
 
+# ==== tests: the running Authelia's answers (DENY_AS_SERVER_ERROR, EMPTY_DEVICE_AUTH_ERRORS)
+
+
+def _start_flow(server, **fields):
+    form = {"client_id": CLIENT_ID, "scope": SCOPE, "audience": server.api}
+    form.update(fields)
+    status, body = _form_post(server.base + "/auth/api/oidc/device-authorization", form)
+    assert status == 200, body
+    return body
+
+
+def test_authelia_dead_device_codes_by_hand(authelia_server):
+    """Denied, redeemed and unknown codes: 500 server_error on every poll, straight over HTTP."""
+    server = authelia_server
+    before = server.stats()
+    denied = _start_flow(server)
+    assert approve_mod.approve(denied["verification_uri_complete"], denied["user_code"], deny=True) == "denied"
+    for _ in range(3):  # every later poll, at any rate
+        assert server.token_endpoint(grant_type=DEVICE_GRANT, device_code=denied["device_code"]) \
+            == (500, MISCONFIGURED)
+    redeemed = _start_flow(server)
+    assert approve_mod.approve(redeemed["verification_uri_complete"], redeemed["user_code"]) == "done"
+    status, tokens = server.token_endpoint(grant_type=DEVICE_GRANT, device_code=redeemed["device_code"])
+    assert status == 200 and tokens["access_token"], tokens
+    for _ in range(2):
+        assert server.token_endpoint(grant_type=DEVICE_GRANT, device_code=redeemed["device_code"]) \
+            == (500, MISCONFIGURED)
+    assert server.api_status(tokens["access_token"]) == 200  # not oidc-provider's replay revocation
+    assert server.token_endpoint(grant_type=DEVICE_GRANT, device_code="no-such-code") == (500, MISCONFIGURED)
+    # a code nobody decided on yet is still pending
+    pending = _start_flow(server)
+    status, body = server.token_endpoint(grant_type=DEVICE_GRANT, device_code=pending["device_code"])
+    assert (status, body["error"]) == (400, "authorization_pending"), body
+    after = server.stats()
+    assert after["device_code_server_error"] - before["device_code_server_error"] == 6, after
+
+
+@pytest.mark.parametrize("case, fields, status, error", [
+    ("unknown client", {"client_id": "not-a-client"}, 401, "invalid_client"),
+    ("empty form", None, 400, "invalid_request"),
+    ("audience not allowed", {"audience": "https://elsewhere.example/hardpy/api/v1"}, 400, "invalid_target"),
+])
+def test_device_authorization_errors_by_hand(server, authelia_server, case, fields, status, error):
+    """Refused device authorizations: the same status either way; the body {}
+    with EMPTY_DEVICE_AUTH_ERRORS=1, oidc-provider's OAuth error without."""
+    for which in (server, authelia_server):
+        form = {}
+        if fields is not None:
+            form = {"client_id": CLIENT_ID, "scope": SCOPE, "audience": which.api}
+            form.update(fields)
+        got, body = _form_post(which.base + "/auth/api/oidc/device-authorization", form)
+        assert got == status, (case, which.base, body)
+        if which is authelia_server:
+            assert body == {}, (case, body)
+        else:
+            assert body["error"] == error, (case, body)
+
+
+def test_login_denied_authelia_ends_within_three_polls(authelia_server, tmp_path):
+    """Deny at the consent page -> 500 server_error: exit 3 within three polls, "refused ... login again"."""
+    server = authelia_server
+    store = tmp_path / "tokens.json"
+    at_decision = []
+    result = login(server, store, "deny", after_decision=lambda: at_decision.append(server.stats()), wait=10)
+    after = server.stats()
+    assert at_decision, result
+    polls = after["device_code_polls"] - at_decision[0]["device_code_polls"]
+    assert not result.timed_out, "still polling 10 s after the Deny (%d polls since): %r" % (polls, result)
+    assert result.returncode == 3, result
+    assert 1 <= polls <= 3, (polls, result)
+    assert after["device_code_server_error"] - at_decision[0]["device_code_server_error"] == polls, after
+    errors = [line for line in result.run.stderr.splitlines() if line.startswith("standcloud-auth: error:")]
+    assert len(errors) == 1, result
+    assert re.search(r"refus", errors[0], re.I) and "login again" in errors[0], result
+    assert "Traceback" not in result.run.stderr, result
+    assert result.events[-1]["event"] == "error" and result.events[-1]["exit_code"] == 3, result
+    assert not os.path.exists(str(store)) or entry(store, server) is None, result
+
+
+def test_login_approved_authelia_mode(authelia_server, tmp_path):
+    """The switches change only dead codes and refusals: an approved login works."""
+    store = tmp_path / "tokens.json"
+    result = login(authelia_server, store)
+    assert result.returncode == 0, result
+    assert authelia_server.api_status(entry(store, authelia_server)["access_token"]) == 200
+
+
+def _localhost_is_loopback_v4(port):
+    try:
+        return any(info[4][0] == "127.0.0.1" for info in socket.getaddrinfo("localhost", port))
+    except socket.gaierror:
+        return False
+
+
+def test_login_device_authorization_refused_empty_body(authelia_server, tmp_path):
+    """An audience the server does not allow (the URL spelled `localhost`):
+    400 with the body {}; the error line carries the HTTP status."""
+    server = authelia_server
+    port = int(server.base.rsplit(":", 1)[1])
+    if not _localhost_is_loopback_v4(port):
+        pytest.skip("localhost does not resolve to 127.0.0.1 here")
+    url = "http://localhost:%d" % port
+    store = tmp_path / "tokens.json"
+    before = server.stats()
+    r = cli(server, store, "login", "--no-qr", url=url)
+    after = server.stats()
+    assert after["device_authorization_refused"] == before["device_authorization_refused"] + 1, (after, r)
+    assert after["device_code_polls"] == before["device_code_polls"], "no poll without a device code"
+    assert r.returncode in (3, 5), r
+    errors = [line for line in r.stderr.splitlines() if line.startswith("standcloud-auth: error:")]
+    assert len(errors) == 1, r
+    assert "400" in errors[0], r
+    assert "Traceback" not in r.stderr, r
+    assert not os.path.exists(str(store)), r
+
+
 # ==== tests: refresh =========================================================
 
 
@@ -564,3 +715,146 @@ def test_logout_revokes(server, tmp_path):
     assert r.returncode == 3, r
     r = cli(server, store, "logout")
     assert r.returncode == 0, "logout when logged out: %r" % r
+
+
+# ==== the Python fake (tests/fakeserver.py) gives the same answers ============
+
+
+def _fake_post(fake, path, fields):
+    return _form_post(fake.base + path, fields)
+
+
+@pytest.fixture
+def fake():
+    f = fakeserver.FakeStandCloud().start()
+    f.interval = 0  # real clock: no slow_down between the polls below
+    yield f
+    f.stop()
+
+
+def _fake_flow(fake):
+    status, flow = _fake_post(fake, fakeserver.sca.DEVICE_PATH,
+                              {"client_id": CLIENT_ID, "scope": SCOPE, "audience": fake.base + "/hardpy/api/v1"})
+    assert status == 200, flow
+    return flow
+
+
+def _fake_poll(fake, device_code):
+    return _fake_post(fake, fakeserver.sca.TOKEN_PATH,
+                      {"client_id": CLIENT_ID, "grant_type": DEVICE_GRANT, "device_code": device_code})
+
+
+def test_fake_dead_device_codes_are_server_error(fake):
+    """The default Deny, a redeemed code and an unknown code: 500 server_error on every poll."""
+    denied = _fake_flow(fake)
+    assert fake.approve(denied["user_code"], deny=True) == 1
+    assert fake.approve(denied["user_code"]) == 0, "a decision is final"
+    assert [_fake_poll(fake, denied["device_code"]) for _ in range(3)] == [(500, MISCONFIGURED)] * 3
+    redeemed = _fake_flow(fake)
+    fake.approve(redeemed["user_code"])
+    assert _fake_poll(fake, redeemed["device_code"])[0] == 200
+    assert _fake_poll(fake, redeemed["device_code"]) == (500, MISCONFIGURED)
+    assert _fake_poll(fake, "authelia_dc_unknown") == (500, MISCONFIGURED)
+
+
+@pytest.mark.parametrize("status", [403, 400])
+def test_fake_rfc_deny_style(fake, status):
+    fake.deny_style, fake.denied_status = "rfc", status
+    flow = _fake_flow(fake)
+    fake.approve(deny=True)
+    for _ in range(2):
+        got, body = _fake_poll(fake, flow["device_code"])
+        assert (got, body["error"]) == (status, "access_denied"), body
+
+
+def test_fake_deny_style_is_checked():
+    with pytest.raises(ValueError):
+        fakeserver.FakeStandCloud(deny_style="403")
+
+
+@pytest.mark.parametrize("case, form, status, error", [
+    ("empty form", {}, 400, "invalid_request"),
+    ("unknown client", {"client_id": "not-a-client", "scope": SCOPE}, 401, "invalid_client"),
+    ("scope not allowed", {"client_id": CLIENT_ID, "scope": "offline_access admin"}, 400, "invalid_scope"),
+    ("audience not allowed", {"client_id": CLIENT_ID, "scope": SCOPE, "audience": "https://x/hardpy/api/v1"},
+     400, "invalid_target"),
+])
+@pytest.mark.parametrize("empty", [False, True])
+def test_fake_device_authorization_errors(fake, case, form, status, error, empty):
+    fake.empty_device_errors = empty
+    fake.audiences = [fake.base + "/hardpy/api/v1"]
+    got, body = _fake_post(fake, fakeserver.sca.DEVICE_PATH, form)
+    assert got == status, (case, body)
+    if empty:
+        assert body == {}, (case, body)
+    else:
+        assert body["error"] == error and sorted(body) == ["error", "error_description"], (case, body)
+    assert fake.devices == {}
+
+
+def _read_lines_until(stream, pattern, seconds):
+    """Lines from a pipe until one matches ``pattern`` (or ``seconds`` pass)."""
+    lines = Queue()
+
+    def pump():
+        for line in iter(stream.readline, ""):
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=pump)
+    reader.daemon = True
+    reader.start()
+    seen = []
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            line = lines.get(timeout=max(0.01, deadline - time.time()))
+        except Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return seen, lines
+    return seen, lines
+
+
+def test_fake_by_hand_prints_the_login_command(tmp_path):
+    """`python tests/fakeserver.py --approve-after 1` from the repository root: the
+    command it prints logs in as it is."""
+    env = _env()
+    env["PYTHONUNBUFFERED"] = "1"
+    fake_proc = subprocess.Popen(
+        [sys.executable, os.path.join("tests", "fakeserver.py"), "--port", "0", "--approve-after", "1",
+         "--interval", "1"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, universal_newlines=True)
+    try:
+        seen, rest = _read_lines_until(fake_proc.stdout, r"standcloud_auth\.py .*login$", 15)
+        assert seen and re.search(r" login$", seen[-1]), "".join(seen)
+        words = shlex.split(seen[-1].strip())
+        assert words[0] in ("python", "python3") and words[1] == "standcloud_auth.py", words
+        assert words[2] == "--url" and re.match(r"^http://127\.0\.0\.1:\d+$", words[3]) and words[4:] == ["login"], words
+        env_cli = _env()
+        env_cli["STANDCLOUD_TOKEN_FILE"] = str(tmp_path / "tokens.json")
+        run = subprocess.run([sys.executable] + words[1:] + ["--no-qr"], cwd=ROOT, env=env_cli,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, timeout=CLI_TIMEOUT)
+        assert run.returncode == 0, (run.stdout, run.stderr)
+        assert read_store(tmp_path / "tokens.json")["servers"][words[3]]["access_token"], run.stderr
+        events = []
+        deadline = time.time() + 5
+        while time.time() < deadline and not any("tokens issued" in e for e in events):
+            try:
+                line = rest.get(timeout=0.2)
+            except Empty:
+                continue
+            if line is None:
+                break
+            events.append(line)
+        assert any("approved" in e for e in events) and any("tokens issued" in e for e in events), events
+    finally:
+        fake_proc.terminate()
+        fake_proc.wait(10)
+        fake_proc.stdout.close()
+        fake_proc.stderr.close()

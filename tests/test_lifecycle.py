@@ -1,6 +1,8 @@
-"""Tests for the token lifecycle (issue 3): refresh with rotation, the store's
-lock, 401 handling, the token/refresh/logout commands, STANDCLOUD_TOKEN and
-the `token` hot path.
+"""Tests for the token lifecycle (issue 3, and v2's issues 11 and 12): refresh
+with rotation, the answer to a refresh awaited REFRESH_WAIT once sent, the
+short-token refresh threshold, the store's lock, 401 handling, the
+token/refresh/logout commands (several servers, --all), STANDCLOUD_TOKEN,
+read-only commands that write nothing, and the `token` hot path.
 
 Real HTTP over real sockets against the Authelia-like fake StandCloud from
 conftest.py (rotation, reuse detection, revocation), the fake clock on the
@@ -18,7 +20,7 @@ import time
 import pytest
 
 import standcloud_auth as sca
-from conftest import MODULE, assert_one_error, entry_for, error_lines, free_port, log_in, run_cli, write_store
+from conftest import MODULE, assert_one_error, entry_for, error_lines, free_port, listing, log_in, run_cli, write_store
 from fakeserver import FakeStandCloud
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +32,21 @@ OTHER = "https://other.standcloud.example"
 # ==== helpers ===============================================================
 
 
+def transport(timeout=10.0):
+    """The module's HTTP transport, as the library builds it (private: allowed in tests)."""
+    return sca._Transport(timeout, None, False, sca._Console())
 
+
+def lost_answer_line(result, base):
+    """The one error line of a refresh whose answer was lost (v2), checked."""
+    assert_one_error(result, 4)
+    line = error_lines(result.err)[0]
+    assert "the answer to the refresh sent to %s%s was lost" % (base, sca.TOKEN_PATH) in line, line
+    assert "the server may already have rotated the session" in line, line
+    assert "run 'standcloud-auth --url %s token' again" % base in line, line
+    assert "run 'standcloud-auth --url %s login'" % base in line, line
+    assert "try again later" not in line, line
+    return line
 
 
 def other_entry(now):
@@ -39,15 +55,6 @@ def other_entry(now):
 
 def stored(store_path, base):
     return json.loads(store_path.read_text())["servers"].get(base)
-
-
-def listing(folder):
-    """Every path under ``folder`` (files and folders), relative."""
-    found = set()
-    for root, dirs, files in os.walk(str(folder)):
-        for name in dirs + files:
-            found.add(os.path.relpath(os.path.join(root, name), str(folder)))
-    return found
 
 
 def api_requests(server):
@@ -192,18 +199,32 @@ def test_token_valid_sends_no_request(cli, server, store_path, clock):
     assert server.requests == []
 
 
-@pytest.mark.parametrize("left, min_valid, refreshes", [
-    (3600, None, 0),
-    (61, None, 0),
-    (59, None, 1),  # default --min-valid 60
-    (3600, "3599", 0),
-    (3600, "3601", 1),
-    (3600, "7200", 1),
-    (30, "0", 0),
-    (-1, "0", 1),
+@pytest.mark.parametrize("left, life, min_valid, refreshes", [
+    (3600, 3600, None, 0),
+    (61, 3600, None, 0),
+    (59, 3600, None, 1),  # default: 60 s before the expiry of a long-lived token
+    (61, None, None, 0),  # no updated_at (an older store): the 60 s default
+    (59, None, None, 1),
+    (60, 60, None, 0),  # a 60 s token just issued is not refreshed (issue 11 point 9)
+    (31, 60, None, 0),  # ... nor with more than half its life left
+    (30, 60, None, 1),
+    (60, 119, None, 0),  # half of 119 s: refreshed from 59.5 s on, not from 60 s
+    (59, 119, None, 1),
+    (61, 120, None, 0),  # from 120 s of life on, the 60 s default
+    (59, 120, None, 1),
+    (3600, 3600, "3599", 0),
+    (3600, 3600, "3601", 1),
+    (3600, 3600, "7200", 1),
+    (50, 60, "55", 1),  # an explicit --min-valid is exact, also for a short token:
+    (20, 60, "10", 0),  # the half-life rule would have refreshed this one
+    (50, 60, "45", 0),
+    (30, 3600, "0", 0),
+    (-1, 3600, "0", 1),
 ])
-def test_token_min_valid_triggers_refresh(cli, server, store_path, clock, left, min_valid, refreshes):
-    tokens = log_in(server, store_path, clock.now(), expires_at=clock.now() + left)
+def test_token_min_valid_triggers_refresh(cli, server, store_path, clock, left, life, min_valid, refreshes):
+    expires_at = clock.now() + left
+    tokens = log_in(server, store_path, clock.now(), expires_at=expires_at,
+                    updated_at=None if life is None else expires_at - life)
     argv = ["--url", server.base, "token"] + (["--min-valid", min_valid] if min_valid else [])
     result = cli(*argv)
     assert result.code == 0, result
@@ -211,6 +232,42 @@ def test_token_min_valid_triggers_refresh(cli, server, store_path, clock, left, 
     entry = stored(store_path, server.base)
     assert result.out == entry["access_token"] + "\n"
     assert (entry["access_token"] != tokens["access_token"]) == bool(refreshes)
+
+
+def test_token_short_lived_tokens_are_not_refreshed_on_every_call(cli, server, store_path, clock):
+    # Issue 11 point 9: with 60 s access tokens and the v1 threshold (60 s),
+    # every `token` call refreshed. v2 refreshes at half the life: a call every
+    # 5 s for two minutes refreshes at 30, 60, 90 and 120 s, and never prints
+    # a token with less than half its life left.
+    server.access_ttl = 60
+    log_in(server, store_path, clock.now())  # expires_at now + 60, updated_at now
+    printed = []
+    for _ in range(25):
+        result = cli("--url", server.base, "token")
+        assert result.code == 0, result
+        token = result.out.strip()
+        assert server.token_ok(token)
+        assert stored(store_path, server.base)["expires_at"] - clock.now() > 30
+        printed.append(token)
+        clock.advance(5)
+    assert server.refreshes() == 4
+    assert len(set(printed)) == 5
+
+
+def test_token_short_lived_threshold_as_a_subprocess(live_server, store_path):
+    # The same rule through the real CLI: a 60 s token with 40 s left is used
+    # as is; an explicit --min-valid (abbreviated, as argparse allows) is exact.
+    live_server.access_ttl = 60
+    tokens = live_server.issue()
+    write_store(store_path, {live_server.base: entry_for(tokens, time.time() - 20)})  # 40 s of 60 left
+    result = run_cli("--url", live_server.base, "token")
+    assert result.code == 0 and result.out == tokens["access_token"] + "\n", result
+    assert live_server.refreshes() == 0
+    result = run_cli("--url", live_server.base, "token", "--min", "45")
+    assert result.code == 0, result
+    entry = stored(store_path, live_server.base)
+    assert live_server.refreshes() == 1 and result.out == entry["access_token"] + "\n"
+    assert entry["access_token"] != tokens["access_token"] and live_server.token_ok(entry["access_token"])
 
 
 def test_token_json_fields(cli, server, store_path, clock):
@@ -250,6 +307,46 @@ def test_token_expired_without_refresh_token_says_run_login(cli, server, store_p
     assert_one_error(result, 3)
     assert "login" in result.err and server.requests == []
     assert store_path.read_bytes() == before
+
+
+NOT_LOGGED_IN = ["no-folder", "no-store", "other-server", "expired-no-refresh-token"]
+
+
+def not_logged_in(state, server, store_path, clock):
+    """A store (or none) where ``server`` has no usable session."""
+    if state == "no-store":
+        store_path.parent.mkdir(mode=0o700)
+    elif state == "other-server":
+        write_store(store_path, {OTHER: other_entry(clock.now())})
+    elif state == "expired-no-refresh-token":  # `status` calls this "Logged in: no"
+        log_in(server, store_path, clock.now(), expires_at=clock.now() - 1, refresh_token=None)
+
+
+@pytest.mark.parametrize("command", ["token", "refresh"])
+@pytest.mark.parametrize("state", NOT_LOGGED_IN)
+def test_not_logged_in_writes_nothing(cli, server, store_path, clock, tmp_path, command, state):
+    # Contract, output rule: "any command when not logged in writes nothing to
+    # disk: no folder, no lock file" (issue 12 point 5).
+    not_logged_in(state, server, store_path, clock)
+    files = listing(tmp_path)
+    before = store_path.read_bytes() if store_path.exists() else None
+    result = cli("--url", server.base, command)
+    assert_one_error(result, 3)
+    assert "login" in error_lines(result.err)[0] and result.out == ""
+    assert server.requests == []
+    assert listing(tmp_path) == files
+    assert (store_path.read_bytes() if store_path.exists() else None) == before
+
+
+@pytest.mark.parametrize("command", ["token", "refresh"])
+def test_not_logged_in_writes_nothing_as_a_subprocess(live_server, tmp_path, command):
+    # The default store path (HOME is in tmp_path): no ~/.config/standcloud made.
+    files = listing(tmp_path)
+    result = run_cli("--url", live_server.base, command)
+    assert_one_error(result, 3)
+    assert "login" in result.err and result.out == ""
+    assert live_server.requests == []
+    assert listing(tmp_path) == files
 
 
 # ==== refresh failures: the store is unchanged byte for byte =================
@@ -336,50 +433,111 @@ def test_failure_message_says_what_to_do_next(cli, server, store_path, clock):
 
 
 @pytest.mark.parametrize("command", ["token", "refresh"])
-def test_failure_timeout_leaves_store_unchanged(cli, server, store_path, clock, command):
-    log_in(server, store_path, clock.now(), expires_at=clock.now() - 10)
-    before = store_path.read_bytes()
+@pytest.mark.parametrize("timeout, wait", [("0.1", 0.3), ("0.3", 0.1)], ids=["refresh-wait-longer", "timeout-longer"])
+def test_failure_timeout_leaves_store_unchanged(cli, server, store_path, clock, monkeypatch, command, timeout, wait):
+    # v2 (issue 11 point 2): once sent, a refresh's answer is awaited
+    # max(REFRESH_WAIT, --timeout); when it never comes, exit 4 with a message
+    # that says the session may already be rotated (not "try again later").
+    monkeypatch.setattr(sca, "REFRESH_WAIT", wait)
+    log_in(server, store_path, clock.now(), others={OTHER: other_entry(clock.now())}, expires_at=clock.now() - 10)
+    before, files = store_path.read_bytes(), listing(store_path.parent)
     stall = Stall()
     server.script(sca.TOKEN_PATH, stall)
     started = time.monotonic()
     try:
-        result = cli("--url", server.base, "--timeout", "0.2", command)
+        result = cli("--url", server.base, "--timeout", timeout, command)
     finally:
         stall.release.set()
-    assert time.monotonic() - started < 1.5
-    assert_one_error(result, 4)
-    assert "timed out" in result.err
+    elapsed = time.monotonic() - started
+    assert 0.28 <= elapsed < 1.5, elapsed  # the longer of the two, not the shorter
+    lost_answer_line(result, server.base)
+    assert result.out == ""
     assert store_path.read_bytes() == before
+    assert listing(store_path.parent) - {"tokens.json.lock"} == files  # no temp file left behind
+    assert server.refreshes() == 1
 
 
-def test_failure_trickling_answer_is_bounded_by_timeout(cli, server, store_path, clock):
-    log_in(server, store_path, clock.now(), expires_at=clock.now() - 10)
-    before = store_path.read_bytes()
-    body = json.dumps({"access_token": "a", "token_type": "Bearer", "expires_in": 60}).encode()
+def trickled(body, every):
+    """A canned answer: headers at once, then ``body`` one byte every ``every``
+    seconds (each read succeeds; only a bound on the whole answer stops it)."""
     stop = threading.Event()
 
-    def trickle(handler):
+    def answer(handler):
+        handler.close_connection = True
         handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         try:
             for byte in body:
-                if stop.wait(0.03):
+                if stop.wait(every):
                     return
                 handler.wfile.write(bytes([byte]))
                 handler.wfile.flush()
         except OSError:
             pass
 
-    server.script(sca.TOKEN_PATH, trickle)
+    answer.stop = stop
+    return answer
+
+
+def test_failure_trickling_answer_is_bounded_by_refresh_wait(cli, server, store_path, clock, monkeypatch):
+    # A refresh answer trickling in for ~2 s: neither --timeout (0.1 s) nor a
+    # socket read ends the wait, REFRESH_WAIT (patched to 0.3 s) does.
+    monkeypatch.setattr(sca, "REFRESH_WAIT", 0.3)
+    log_in(server, store_path, clock.now(), expires_at=clock.now() - 10)
+    before = store_path.read_bytes()
+    body = json.dumps({"access_token": "authelia_at_slow", "token_type": "Bearer", "expires_in": 60}).encode()
+    answer = trickled(body, 0.03)
+    server.script(sca.TOKEN_PATH, answer)
     started = time.monotonic()
     try:
-        result = cli("--url", server.base, "--timeout", "0.3", "token")
+        result = cli("--url", server.base, "--timeout", "0.1", "token")
     finally:
-        stop.set()
-    assert time.monotonic() - started < 1.5
-    assert_one_error(result, 4)
+        answer.stop.set()
+    assert 0.28 <= time.monotonic() - started < 1.5
+    lost_answer_line(result, server.base)
     assert store_path.read_bytes() == before
+
+
+def test_refresh_answer_slower_than_timeout_is_used(cli, server, store_path, clock, monkeypatch):
+    # The other side of the same rule: an answer that takes longer than
+    # --timeout but arrives within REFRESH_WAIT is used and stored.
+    monkeypatch.setattr(sca, "REFRESH_WAIT", 3.0)
+    old = log_in(server, store_path, clock.now(), expires_at=clock.now() - 10)
+    body = json.dumps({"access_token": "authelia_at_slow", "token_type": "Bearer", "expires_in": 60,
+                       "refresh_token": "authelia_rt_slow"}).encode()
+    server.script(sca.TOKEN_PATH, trickled(body, 0.002))  # ~0.25 s in all
+    started = time.monotonic()
+    result = cli("--url", server.base, "--timeout", "0.1", "token")
+    assert time.monotonic() - started >= 0.15
+    assert result.code == 0, result
+    assert result.out == "authelia_at_slow\n"
+    entry = stored(store_path, server.base)
+    assert (entry["access_token"], entry["refresh_token"]) == ("authelia_at_slow", "authelia_rt_slow")
+    assert old["refresh_token"] not in store_path.read_text()
+
+
+def test_refresh_answer_after_timeout_is_used_as_a_subprocess(live_server, store_path):
+    # Issue 11: "--timeout expiring after the server accepted the refresh" lost
+    # the session in v1. The real CLI, the real clock, REFRESH_WAIT as shipped
+    # (30 s): the server takes 1 s, --timeout is 0.3 s, the answer is used.
+    old = log_in(live_server, store_path, time.time(), expires_at=time.time() - 10)
+    live_server.refresh_delay = 1.0
+    started = time.monotonic()
+    result = run_cli("--url", live_server.base, "--timeout", "0.3", "token")
+    assert time.monotonic() - started >= 1.0
+    assert result.code == 0, result
+    entry = stored(store_path, live_server.base)
+    assert result.out == entry["access_token"] + "\n" and result.err == ""
+    assert live_server.refreshes() == 1
+    assert entry["refresh_token"] != old["refresh_token"]
+    assert live_server.refresh_tokens[entry["refresh_token"]]["active"]  # the session lives on
+    assert live_server.token_ok(entry["access_token"])
+    live_server.refresh_delay = 0.0
+    again = run_cli("--url", live_server.base, "--timeout", "0.3", "token")
+    assert again.code == 0 and again.out == result.out, again  # no second refresh needed
+    assert live_server.refreshes() == 1
 
 
 @pytest.mark.parametrize("command", ["token", "refresh"])
@@ -416,7 +574,7 @@ def test_invalid_grant_removes_only_this_servers_entry(cli, server, store_path, 
     if how == "unknown":
         server.refresh_tokens.clear()
     elif how == "reused":  # someone else rotated our refresh token: it is now a reuse
-        sca._refresh_tokens(sca._Transport(), server.base, tokens["refresh_token"])
+        sca._refresh_tokens(transport(), server.base, tokens["refresh_token"])
     else:
         server.script(sca.TOKEN_PATH, (400, JSON, b'{"error": "invalid_grant", "error_description": "expired"}'))
     result = cli("--url", server.base, command)
@@ -430,16 +588,17 @@ def test_invalid_grant_removes_only_this_servers_entry(cli, server, store_path, 
 
 
 def test_reuse_fake_server_kills_the_family_on_reuse(server, clock):
-    transport = sca._Transport()
+    http = transport()
     first = server.issue()
-    second = sca._refresh_tokens(transport, server.base, first["refresh_token"])
-    assert server.token_ok(second["access_token"]) and not server.token_ok(first["access_token"])
+    second = sca._refresh_tokens(http, server.base, first["refresh_token"])
+    assert isinstance(second, sca.Tokens) and second.refresh_token != first["refresh_token"]
+    assert server.token_ok(second.access_token) and not server.token_ok(first["access_token"])
     with pytest.raises(sca.AuthError) as info:  # the rotated token again: theft
-        sca._refresh_tokens(transport, server.base, first["refresh_token"])
+        sca._refresh_tokens(http, server.base, first["refresh_token"])
     assert info.value.error == "invalid_grant"
-    assert not server.token_ok(second["access_token"])  # the whole family is dead
+    assert not server.token_ok(second.access_token)  # the whole family is dead
     with pytest.raises(sca.AuthError) as info:
-        sca._refresh_tokens(transport, server.base, second["refresh_token"])
+        sca._refresh_tokens(http, server.base, second.refresh_token)
     assert info.value.error == "invalid_grant"
     bystander = server.issue()  # another login is not touched
     assert server.token_ok(bystander["access_token"])
@@ -568,26 +727,25 @@ def test_401_then_invalid_grant_ends_session(cli, server, store_path, clock):
 # ==== the lock ==============================================================
 
 
-def test_lock_default_wait_is_30_seconds(tmp_path):
+def test_lock_default_wait_is_30_seconds():
+    # The constant is what lock() reads at each wait (the next test patches it
+    # and sees the message and the bound follow).
     assert sca.LOCK_TIMEOUT == 30
-    assert sca.TokenStore(str(tmp_path / "tokens.json")).lock().timeout == 30
 
 
 def test_lock_wait_is_bounded_and_ends_in_a_clear_error(cli, server, store_path, clock, monkeypatch):
     log_in(server, store_path, clock.now(), expires_at=clock.now() - 10)
     before = store_path.read_bytes()
-    holder = sca.TokenStore(str(store_path))
-    with holder.lock():
-        # TokenStore.lock binds LOCK_TIMEOUT as a default argument at import,
-        # so patching the constant has no effect: shorten the method itself.
-        monkeypatch.setattr(sca.TokenStore, "lock", lambda self, timeout=0.2: sca._StoreLock(self, 0.2))
+    monkeypatch.setattr(sca, "LOCK_TIMEOUT", 0.2)
+    holder = sca.TokenStore(str(store_path), sca._Console())
+    with holder.lock():  # flock: a second open file description in this process must wait too
         started = time.monotonic()
         result = cli("--url", server.base, "token")
         elapsed = time.monotonic() - started
     assert 0.2 <= elapsed < 2
-    assert result.code not in (0, 1), result
-    assert_one_error(result, result.code)
-    assert "lock" in error_lines(result.err)[0]
+    assert_one_error(result, 2)
+    line = error_lines(result.err)[0]
+    assert "lock" in line and "0.2 s" in line and str(store_path) + ".lock" in line, line
     assert server.requests == []
     assert store_path.read_bytes() == before
 
@@ -596,28 +754,33 @@ def test_lock_waiter_process_rereads_the_store_and_uses_the_new_token(live_serve
     # Another process (this one) holds the lock and refreshes; the waiting
     # process must use its result, not send its own (now rotated) token.
     old = log_in(live_server, store_path, time.time(), expires_at=time.time() - 10)
-    store = sca.TokenStore(str(store_path))
+    store = sca.TokenStore(str(store_path), sca._Console())
     with store.lock():
         proc = popen_cli("--url", live_server.base, "token")
         time.sleep(0.25)  # the child starts, finds the token expired and waits
-        new = sca._refresh_tokens(sca._Transport(), live_server.base, old["refresh_token"])
-        store.set_entry(live_server.base, new)
+        new = sca._refresh_tokens(transport(), live_server.base, old["refresh_token"])
+        servers = store.load()
+        servers[live_server.base] = new
+        store.save(servers)
     result = finish(proc)
     assert result.code == 0, result
-    assert result.out == new["access_token"] + "\n"
+    assert result.out == new.access_token + "\n"
     assert live_server.refreshes() == 1  # ours only
-    assert live_server.token_ok(new["access_token"])
+    assert live_server.token_ok(new.access_token)
 
 
 # ==== the storm =============================================================
 
-GATED = (
-    "import os, runpy, sys, time\n"
+GATED = (  # the module loaded (from its cached bytecode) before the gate: after it, main() races at once
+    "import os, sys, time\n"
     "gate = sys.argv[1]\n"
+    "sys.argv = sys.argv[2:]\n"
+    "sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))\n"
+    "import standcloud_auth\n"
+    "open('%s.ready.%d' % (gate, os.getpid()), 'w').close()\n"
     "while not os.path.exists(gate):\n"
     "    time.sleep(0.002)\n"
-    "sys.argv = sys.argv[2:]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    "sys.exit(standcloud_auth.main(sys.argv[1:]))\n"
 )
 
 
@@ -647,7 +810,10 @@ def test_storm_many_processes_cause_exactly_one_refresh(live_server, store_path,
     old = log_in(live_server, store_path, time.time(), expires_at=time.time() - 10)
     gate = str(tmp_path / "go")
     procs = [popen_cli("--url", live_server.base, "token", gate=gate) for _ in range(count)]
-    time.sleep(0.3)  # let the interpreters start and wait at the gate
+    deadline = time.monotonic() + 30
+    while len([n for n in os.listdir(str(tmp_path)) if n.startswith("go.ready.")]) < count:  # all at the gate
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a process did not reach the gate"
+        time.sleep(0.01)
     started = time.monotonic()
     open(gate, "w").close()
     results = [finish(p) for p in procs]
@@ -671,6 +837,7 @@ def test_cmd_refresh_prints_new_expiry_on_stderr(cli, server, store_path, clock)
     result = cli("--url", server.base, "refresh")
     assert result.code == 0 and result.out == ""
     assert "valid until" in result.err and "60 min" in result.err
+    assert server.base in result.err and error_lines(result.err) == []
     entry = stored(store_path, server.base)
     assert entry["access_token"] != tokens["access_token"]
     assert entry["expires_at"] == clock.now() + server.access_ttl
@@ -775,6 +942,49 @@ def test_cmd_login_force_starts_a_new_flow(cli, server, store_path, clock):
     assert stored(store_path, server.base)["access_token"] != old["access_token"]
 
 
+def test_cmd_login_force_revokes_the_replaced_session_after_storing_the_new_one(cli, server, store_path, clock):
+    # Issue 11 point 8: the session that --force replaces is revoked at the
+    # server (best effort, as logout), once the new tokens are on disk.
+    other = other_entry(clock.now())
+    old = log_in(server, store_path, clock.now(), others={OTHER: other})
+    server.interval, server.approve_after = 1, 1
+    stored_then = []
+
+    def revocation(handler):
+        record = handler.fake.requests[-1]
+        stored_then.append(stored(store_path, server.base)["access_token"])
+        behave(handler, record)
+
+    server.script(sca.REVOCATION_PATH, revocation, revocation)
+    result = cli("--url", server.base, "login", "--force", "--no-qr", "--no-check")
+    assert result.code == 0, result
+    new = stored(store_path, server.base)
+    assert [r["form"] for r in server.requests if r["path"] == sca.REVOCATION_PATH] == [
+        {"client_id": sca.CLIENT_ID, "token": old["refresh_token"], "token_type_hint": "refresh_token"},
+        {"client_id": sca.CLIENT_ID, "token": old["access_token"], "token_type_hint": "access_token"},
+    ]
+    paths = [r["path"] for r in server.requests]
+    assert paths[-2:] == [sca.REVOCATION_PATH] * 2  # after the poll that brought the new tokens
+    assert stored_then == [new["access_token"]] * 2  # which were stored by then
+    assert not server.token_ok(old["access_token"]) and not server.refresh_tokens[old["refresh_token"]]["active"]
+    assert server.token_ok(new["access_token"]) and server.refresh_tokens[new["refresh_token"]]["active"]
+    assert stored(store_path, OTHER) == other  # another server's session is not touched
+    assert error_lines(result.err) == [] and "warning" not in result.err
+
+
+def test_cmd_login_force_revocation_failure_is_a_warning(cli, server, store_path, clock):
+    old = log_in(server, store_path, clock.now())
+    server.interval, server.approve_after = 1, 1
+    server.script(sca.REVOCATION_PATH, (500, {}, b""), (503, {"Content-Type": "text/html"}, b"<html>down</html>"))
+    result = cli("--url", server.base, "login", "--force", "--no-qr", "--no-check")
+    assert result.code == 0, result
+    assert error_lines(result.err) == []
+    assert len([x for x in result.err.splitlines() if x.startswith("standcloud-auth: warning:")]) == 2
+    new = stored(store_path, server.base)
+    assert new["access_token"] != old["access_token"] and server.token_ok(new["access_token"])
+    assert server.count(sca.REVOCATION_PATH) == 2
+
+
 def test_cmd_login_with_a_dead_session_starts_a_new_flow(cli, server, store_path, clock):
     log_in(server, store_path, clock.now(), expires_at=clock.now() - 10)
     server.refresh_tokens.clear()  # invalid_grant
@@ -783,6 +993,118 @@ def test_cmd_login_with_a_dead_session_starts_a_new_flow(cli, server, store_path
     assert result.code == 0, result
     assert server.refreshes() == 1 and server.count(sca.DEVICE_PATH) == 1
     assert server.token_ok(stored(store_path, server.base)["access_token"])
+    assert server.count(sca.REVOCATION_PATH) == 0  # the server had ended that session already
+
+
+# ==== several servers =======================================================
+
+
+@pytest.fixture
+def two_more(clock):
+    """Two more fake servers (other origins), on the fake clock."""
+    fakes = [FakeStandCloud(clock).start() for _ in range(2)]
+    yield fakes
+    for fake in fakes:
+        fake.stop()
+
+
+@pytest.fixture
+def two_more_live():
+    fakes = [FakeStandCloud().start() for _ in range(2)]
+    yield fakes
+    for fake in fakes:
+        fake.stop()
+
+
+def log_in_everywhere(fakes, store_path, now):
+    """One session per fake server in one store; returns each one's tokens."""
+    issued = [fake.issue() for fake in fakes]
+    write_store(store_path, {fake.base: entry_for(tokens, now) for fake, tokens in zip(fakes, issued)})
+    return issued
+
+
+def revocation_forms(tokens):
+    return [{"client_id": sca.CLIENT_ID, "token": tokens["refresh_token"], "token_type_hint": "refresh_token"},
+            {"client_id": sca.CLIENT_ID, "token": tokens["access_token"], "token_type_hint": "access_token"}]
+
+
+def test_cmd_logout_all_revokes_and_removes_every_server(cli, server, two_more, store_path, clock):
+    fakes = [server] + two_more
+    issued = log_in_everywhere(fakes, store_path, clock.now())
+    result = cli("logout", "--all")
+    assert result.code == 0 and result.out == "", result
+    assert error_lines(result.err) == [] and "warning" not in result.err
+    for fake, tokens in zip(fakes, issued):
+        assert [r["form"] for r in fake.requests] == revocation_forms(tokens)
+        assert not fake.token_ok(tokens["access_token"])
+        assert fake.base in result.err
+    assert json.loads(store_path.read_text())["servers"] == {}
+
+
+def test_cmd_logout_all_no_revoke_sends_nothing(cli, server, two_more, store_path, clock):
+    fakes = [server] + two_more
+    issued = log_in_everywhere(fakes, store_path, clock.now())
+    result = cli("logout", "--all", "--no-revoke")
+    assert result.code == 0, result
+    assert all(fake.requests == [] for fake in fakes)
+    assert all(fake.token_ok(tokens["access_token"]) for fake, tokens in zip(fakes, issued))
+    assert json.loads(store_path.read_text())["servers"] == {}
+
+
+def test_cmd_logout_all_with_an_unreachable_server_still_removes_it(cli, server, store_path, clock):
+    gone = "http://127.0.0.1:%d" % free_port()
+    tokens = log_in(server, store_path, clock.now(), others={gone: entry_for(
+        {"access_token": "gone_at", "refresh_token": "gone_rt"}, clock.now())})
+    result = cli("--timeout", "1", "logout", "--all")
+    assert result.code == 0, result
+    assert error_lines(result.err) == [] and "warning" in result.err
+    assert [r["form"] for r in server.requests] == revocation_forms(tokens)
+    assert json.loads(store_path.read_text())["servers"] == {}
+
+
+@pytest.mark.parametrize("state", ["no-folder", "empty"])
+def test_cmd_logout_all_with_nothing_stored_writes_nothing(cli, store_path, tmp_path, state):
+    if state == "empty":
+        write_store(store_path, {})
+    files = listing(tmp_path)
+    result = cli("logout", "--all")
+    assert result.code == 0 and error_lines(result.err) == [], result
+    assert listing(tmp_path) == files
+
+
+def test_cmd_logout_all_as_a_subprocess(live_server, two_more_live, store_path):
+    fakes = [live_server] + two_more_live
+    issued = log_in_everywhere(fakes, store_path, time.time())
+    result = run_cli("logout", "--all")
+    assert result.code == 0, result
+    for fake, tokens in zip(fakes, issued):
+        assert [r["form"] for r in fake.requests] == revocation_forms(tokens)
+    assert json.loads(store_path.read_text())["servers"] == {}
+
+
+@pytest.mark.parametrize("argv", [["token"], ["token", "--json"], ["refresh"], ["logout"], ["logout", "--no-revoke"]])
+def test_several_servers_and_no_url_exit_2_naming_them(cli, server, store_path, clock, tmp_path, argv):
+    log_in(server, store_path, clock.now(), others={OTHER: other_entry(clock.now())}, expires_at=clock.now() - 10)
+    before, files = store_path.read_bytes(), listing(tmp_path)
+    result = cli(*argv)
+    assert_one_error(result, 2)
+    line = error_lines(result.err)[0]
+    assert server.base in line and OTHER in line and "--url" in line, line
+    assert result.out == "" and server.requests == []
+    assert store_path.read_bytes() == before and listing(tmp_path) == files
+
+
+def test_several_servers_and_no_url_as_a_subprocess(live_server, store_path, tmp_path):
+    log_in(live_server, store_path, time.time(), others={OTHER: other_entry(time.time())})
+    files = listing(tmp_path)
+    result = run_cli("token")
+    assert_one_error(result, 2)
+    line = error_lines(result.err)[0]
+    assert live_server.base in line and OTHER in line and "--url" in line, line
+    assert live_server.requests == [] and listing(tmp_path) == files
+    # STANDCLOUD_URL settles it, as --url does.
+    result = run_cli("token", env={"STANDCLOUD_URL": live_server.base})
+    assert result.code == 0 and result.out == stored(store_path, live_server.base)["access_token"] + "\n", result
 
 
 # ==== STANDCLOUD_TOKEN ======================================================
@@ -850,6 +1172,8 @@ def test_env_token_never_refreshed_on_401(cli, server, static_token, tmp_path, a
     files = listing(tmp_path)
     result = cli("--url", server.base, *argv)
     assert_one_error(result, 3)
+    line = error_lines(result.err)[0]  # v2: the variable's token was refused; login would refuse to run
+    assert "the token in STANDCLOUD_TOKEN was refused" in line and "login" not in line, line
     assert len(server.requests) == 1 and server.refreshes() == 0
     assert bearer(server.requests[0]) == "Bearer " + static_token
     assert listing(tmp_path) == files
