@@ -70,8 +70,7 @@ ENV_URL, ENV_STORE, ENV_TOKEN = "STANDCLOUD_URL", "STANDCLOUD_TOKEN_FILE", "STAN
 ENV_CA_FILE, ENV_INSECURE, ENV_TIMEOUT = "STANDCLOUD_CA_FILE", "STANDCLOUD_INSECURE", "STANDCLOUD_TIMEOUT"
 ENV_QR, ENV_ALLOW_HTTP = "STANDCLOUD_QR", "STANDCLOUD_ALLOW_HTTP"
 
-DEFAULT_TIMEOUT = 10.0
-DEFAULT_MIN_VALID = 60.0
+DEFAULT_TIMEOUT, DEFAULT_MIN_VALID = 10.0, 60.0  # seconds: a request; how long `token` wants its token to live
 REFRESH_WAIT = 30.0  # the answer to a refresh already sent is awaited this long at least
 LOCK_TIMEOUT = 30.0  # how long a process waits for the store's lock
 MAX_REDIRECTS = 5
@@ -228,34 +227,42 @@ def _seconds(value, what, upper=3600.0):  # type: (Any, str, float) -> float
     return seconds
 
 
-def _origin(url):  # type: (str) -> str
-    # ``scheme://host[:port]``; ValueError for a bad host or port (urlsplit lets "host:²" through).
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    host, port = parts.hostname, parts.port
-    if not host or port == 0:
-        raise ValueError(url)
-    if "[" in parts.netloc:  # an IPv6 literal; "http://[127.0.0.1]" is none (3.6-3.10 let it through)
+def _split_url(url):  # type: (str) -> Tuple[str, str, Optional[int], str]
+    # An absolute http(s) URL as (scheme, host, port, the rest after the host), lower-case, an IPv6 host without its
+    # brackets; ValueError for anything else. By hand, not urlsplit: importing urllib.parse makes every `token` 6-9 ms
+    # slower on 3.11+ (contract: Speed), and a base URL is this small a grammar (§5 uses urlsplit for requests).
+    scheme, sep, rest = url.partition("://")
+    netloc = rest.split("/")[0].split("?")[0].split("#")[0]
+    host, bracket, port = netloc[1:].partition("]") if netloc[:1] == "[" else ("", "", "")
+    if bracket:  # an IPv6 literal ("[127.0.0.1]" is none)
         import ipaddress
         ipaddress.IPv6Address(host.partition("%")[0])
-        if parts.netloc.rpartition("]")[2] not in ("", ":%s" % port):  # "[::1]x"
+        if port[:1] not in ("", ":"):  # "[::1]x"
             raise ValueError(url)
-        host = "[%s]" % host
-    elif host.strip("abcdefghijklmnopqrstuvwxyz0123456789-._"):  # something else is left
+        port = port[1:]
+    else:
+        host, _, port = netloc.partition(":")
+        if host.lower().strip("abcdefghijklmnopqrstuvwxyz0123456789-._"):  # something else is left
+            raise ValueError(url)
+    if scheme.lower() not in ("http", "https") or not sep or not host or port.strip("0123456789") or \
+            port and not 0 < int(port) < 65536:  # ("host:²" too: int() would take it)
         raise ValueError(url)
-    default = {"http": 80, "https": 443}.get(parts.scheme)
-    return "%s://%s%s" % (parts.scheme, host, "" if port in (None, default) else ":%d" % port)
+    return scheme.lower(), host.lower(), int(port) if port else None, rest[len(netloc):]
+
+
+def _origin(url):  # type: (str) -> str
+    # ``scheme://host[:port]``, the port only when it is not the scheme's own.
+    scheme, host, port, _ = _split_url(url)
+    return "%s://%s%s" % (scheme, "[%s]" % host if ":" in host else host,
+                          "" if port in (None, {"http": 80, "https": 443}[scheme]) else ":%d" % port)
 
 
 def _normalize_url(url):  # type: (str) -> str
     # The base URL ``B``, one spelling per server (one store entry); a bare host means https.
-    from urllib.parse import urlsplit
     text = url.strip() if "://" in url else "https://" + url.strip()
     with contextlib.suppress(ValueError):
         if len(text) <= MAX_URL and text.isprintable() and not any(c in text for c in " ?#@\\"):
-            origin = _origin(text)
-            if origin.startswith(("http://", "https://")):
-                return origin + urlsplit(text).path.rstrip("/")
+            return _origin(text) + _split_url(text)[3].rstrip("/")
     raise ConfigError("%s is not a StandCloud URL" % _safe(repr(url), 100), "pass --url https://company.standcloud.io")
 
 
@@ -264,8 +271,7 @@ def _check_http_policy(base, environ):  # type: (str, Mapping[str, str]) -> None
     if base.startswith("https://"):
         return
     import ipaddress
-    from urllib.parse import urlsplit
-    host = urlsplit(base).hostname or ""
+    host = _split_url(base)[1]
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -473,9 +479,8 @@ class TokenStore(object):
             path = os.path.dirname(path)
         for path in made:
             try:
-                os.mkdir(path, 0o700)
-            except FileExistsError:  # another process made it meanwhile
-                pass
+                with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+                    os.mkdir(path, 0o700)
             except OSError as exc:
                 raise _cannot("create the folder %s" % path, exc) from None
         self._check_folder()
@@ -899,14 +904,12 @@ def _json_object(response, what):  # type: (Response, str) -> Dict[str, Any]
 
 def _oauth_error(response):  # type: (Response) -> Optional[Tuple[str, str]]
     # An OAuth error body's (error, description), safe to show; None for Authelia's {}.
-    try:
+    with contextlib.suppress(ValueError):
         obj = _loads(response.body)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("error"), str):
-        return None
-    description = obj.get("error_description")
-    return _safe(obj["error"], 100), _safe(description, 300) if isinstance(description, str) else ""
+        if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+            description = obj.get("error_description")
+            return _safe(obj["error"], 100), _safe(description, 300) if isinstance(description, str) else ""
+    return None
 
 
 def _describe(error, status):  # type: (Optional[Tuple[str, str]], int) -> str
@@ -979,10 +982,6 @@ def _wait_until(target, flow, on_wait):  # type: (float, DeviceFlow, Optional[Ca
         now = _monotonic()
 
 
-def _expired():  # type: () -> AuthError
-    return AuthError("the code expired before anyone approved it", _run("login", again=True), "expired_token")
-
-
 # RFC 8628 §3.5, and what the real server does (SERVER-NOTES §R): what each answer to a poll does.
 #
 #   200 with tokens                   saved (signals held), done
@@ -1008,7 +1007,7 @@ def _poll_for_tokens(transport, base, flow, keep, on_wait=None):
         next_poll = last + wait * (1.0 + POLL_MARGIN)
         if next_poll >= flow.deadline:
             _wait_until(flow.deadline, flow, on_wait)
-            raise _expired()
+            raise _poll_failure(None, url, ("expired_token", ""), lost)  # the client keeps expires_in itself
         _wait_until(next_poll, flow, on_wait)
         with _signals_held(transport.console):
             sent_at = _now()
@@ -1030,18 +1029,18 @@ def _poll_for_tokens(transport, base, flow, keep, on_wait=None):
         if code == "slow_down":
             interval += SLOW_DOWN_STEP
         elif code != "authorization_pending" and not (0 < refusals < REFUSALS and not lost):
-            raise _poll_failure(response, url, error, lost, flow)
+            raise _poll_failure(response, url, error, lost)
         wait = interval
 
 
-def _poll_failure(response, url, error, lost, flow):
-    # type: (Response, str, Optional[Tuple[str, str]], bool, DeviceFlow) -> StandCloudError
+def _poll_failure(response, url, error, lost):  # (response: None when the code has expired unanswered)
+    # type: (Any, str, Optional[Tuple[str, str]], bool) -> StandCloudError
     code, description = error or (None, None)
     again = _run("login", again=True)
     if code == "access_denied":
         return AuthError("the login was denied", again, code, description)
     if code == "expired_token":
-        return _expired()
+        return AuthError("the code expired before anyone approved it", again, code, description)
     if lost:
         return AuthError("the server no longer accepts this device code (%s); an answer was lost on the network"
                          % _describe(error, response.status), again, code, description)
@@ -1144,8 +1143,7 @@ class StandCloudAuth(object):
         return _start_device_flow(self._transport, url)
 
     def wait_for_login(self, flow, on_wait=None):  # type: (DeviceFlow, Optional[Callable[[float], None]]) -> Tokens
-        """Poll until the person approves (``on_wait(seconds_left)`` every second);
-        store and return the tokens, and revoke a session they replace."""
+        """Poll until approved (``on_wait(seconds_left)`` each second); store the tokens, revoke a session replaced."""
         url, replaced = self.url, []  # type: str, List[Optional[Tokens]]
 
         def keep(tokens):  # type: (Tokens) -> None
@@ -1163,10 +1161,9 @@ class StandCloudAuth(object):
     def logged_in(self, min_valid=None):  # type: (Optional[float]) -> Optional[Tokens]
         """The stored session when it is usable (valid, or refreshed now), else None."""
         self._no_static("use")
-        try:
+        with contextlib.suppress(AuthError):
             return self.tokens(min_valid)
-        except AuthError:
-            return None
+        return None
 
     def tokens(self, min_valid=None):  # type: (Optional[float]) -> Tokens
         """The session's tokens, refreshed first unless fresh (see Tokens.fresh); else LoginRequired."""
@@ -1328,8 +1325,8 @@ def _parser(prog):  # type: (str) -> Any
     import argparse
 
     class Parser(argparse.ArgumentParser):
-        """The contract's errors (one line, exit 2); help through the same stdout writer, 100 columns
-        wide (a formatter without a width imports shutil, which costs `token` 0.7 MiB on 3.13)."""
+        # The contract's errors (one line, exit 2); help through _write_out, 100 columns wide (without a width,
+        # argparse imports shutil: 0.7 MiB more for `token` on 3.13).
 
         def __init__(self, **kwargs):  # type: (**Any) -> None
             super().__init__(formatter_class=lambda prog: argparse.HelpFormatter(prog, width=100), **kwargs)
@@ -1522,10 +1519,9 @@ def _show_login(console, flow, want_qr, opening):  # type: (_Console, DeviceFlow
     stream, terminal, cols, rows = console.stream or sys.stderr, console.isatty(), 10 ** 6, 10 ** 6
     if terminal:  # shutil honours COLUMNS and LINES, then asks stdout (maybe a pipe): stderr's size is the fallback
         import shutil
-        try:
+        fallback = os.terminal_size((80, 24))
+        with contextlib.suppress(AttributeError, OSError, ValueError):
             fallback = os.get_terminal_size(stream.fileno())
-        except (AttributeError, OSError, ValueError):
-            fallback = os.terminal_size((80, 24))
         cols, rows = shutil.get_terminal_size(fallback)
     room = rows - 1 - opening - sum(max(1, -(-len(line) // max(cols, 1))) for line in lines)  # countdown, warning
     unicode, color = _unicode_terminal(stream), terminal and not os.environ.get("NO_COLOR")
@@ -1742,7 +1738,7 @@ def _qr_render(matrix, unicode, color):  # type: (List[List[bool]], bool, bool) 
             for line in lines] if color else lines
 
 
-# ==== §10 entry point ========================================================
+# ==== §10 entry point: main(), the one place where an error becomes a message ======
 
 
 def _quoted(word):  # type: (str) -> str
@@ -1754,8 +1750,7 @@ def _quoted(word):  # type: (str) -> str
 
 
 def main(argv=None):  # type: (Optional[List[str]]) -> int
-    """Run the command line with ``argv`` (default: sys.argv[1:]); return the exit code. The one place where an error
-    becomes a message."""
+    """Run the command line with ``argv`` (default: sys.argv[1:]) and return its exit code."""
     global _run_as  # how the user ran this program (contract: output rule): the console script, -m, or a copied file
     _run_as = PROG if __name__ != "__main__" else ("python -m " + __spec__.name if __spec__ is not None
                                                     else "python " + _quoted(sys.argv[0] or "standcloud_auth.py"))
@@ -1797,4 +1792,8 @@ def main(argv=None):  # type: (Optional[List[str]]) -> int
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import gc
+    code = main()
+    if hasattr(gc, "freeze"):  # 3.7+: the interpreter's last collection would walk every object made, 6 ms (Speed)
+        gc.freeze()  # novermin (hasattr above)
+    sys.exit(code)

@@ -153,6 +153,10 @@ def test_errors_console_degrades_text_the_terminal_cannot_encode():
     ("https://host:443/", "https://host"),
     ("http://localhost:80", "http://localhost"),
     ("http://localhost:443", "http://localhost:443"),
+    ("https://HOST:0443", "https://host"),
+    ("https://host:", "https://host"),
+    ("http://[::1]:", "http://[::1]"),
+    ("HTTP://[FE80::1%25eth0]:8080/a/", "http://[fe80::1%25eth0]:8080/a"),
 ])
 def test_config_normalize_url(given, expected):
     assert sca._normalize_url(given) == expected
@@ -164,11 +168,38 @@ def test_config_normalize_url(given, expected):
     # issue 11: each was exit 1 in version 1
     "https://[::1", "https://host:\u00b2", "http://[127.0.0.1]", "https://[company.standcloud.io]",
     "https://host\u202e.io", "https://" + "h" * 2050,
+    # the base URL is split by hand (urllib.parse is kept off the `token` hot path): what urlsplit let through
+    "http://x.example[::1]", "https://[::1]]", "https://[::1]x", "https://a:b:c", "https://:443", "https://host:+443",
+    "https://host:\u0664\u0664\u0663", "https://b\u00fccher.example", "://host",
 ])
 def test_config_normalize_url_rejects(bad):
     with pytest.raises(sca.ConfigError) as info:
         sca._normalize_url(bad)
     assert info.value.exit_code == 2 and "--url" in info.value.hint
+
+
+@pytest.mark.parametrize("url, origin", [
+    ("https://company.standcloud.io/hardpy/api/v1/x?y=1#z", "https://company.standcloud.io"),
+    ("HTTPS://Company.StandCloud.io:443", "https://company.standcloud.io"),
+    ("http://[::1]:8080/", "http://[::1]:8080"),
+    ("https://user@company.standcloud.io/", None),  # userinfo: no origin, so never "the same" one
+    ("https://evil.example\\@company.standcloud.io/", None),
+    ("javascript:alert(1)", None), ("ftp://company.standcloud.io", None), ("/relative", None),
+])
+def test_config_origin_of_a_redirect_or_api_url(url, origin):
+    if origin is None:
+        with pytest.raises(ValueError):
+            sca._origin(url)
+    else:
+        assert sca._origin(url) == origin
+
+
+def test_config_the_token_hot_path_imports_no_url_parser():
+    # urllib.parse (and the ipaddress it imports) costs `token` 6-9 ms per start on 3.11+: only a request imports it.
+    code = ("import sys, standcloud_auth as sca; sca._normalize_url('Company.StandCloud.io:443/x/');"
+            "sca._origin('https://a.example/b?c'); print(sorted(m for m in ('urllib.parse', 'ipaddress') if m in sys.modules))")
+    out = subprocess.check_output([sys.executable, "-c", code], cwd=os.path.dirname(MODULE))
+    assert out.decode().strip() == "[]"
 
 
 @pytest.mark.parametrize("url, allowed", [
