@@ -224,6 +224,15 @@ def assert_saved(store_path, base, answer):
     assert leftovers(store_path.parent) == []
 
 
+def assert_answer_used(result, server, store_path, answer):
+    """`token` printed the token of the answer the server held back, saved it,
+    and the session lives on."""
+    assert result.code == 0, result
+    assert result.out == answer["access_token"] + "\n"
+    assert_saved(store_path, server.base, answer)
+    assert_session_survives(server, store_path, answer)
+
+
 def assert_session_survives(server, store_path, answer=None):
     """The next `token` works without logging in, and the stored refresh
     token is the live one at the server: `token --min-valid 3600` must
@@ -350,11 +359,7 @@ def test_timeout_shorter_than_the_held_answer_uses_the_answer(live_server, store
         time.sleep(0.6)  # real time: the answer comes 0.6 s after the request, past --timeout 0.2
     finally:
         held.release.set()
-    result = proc.finish()
-    assert result.code == 0, result
-    assert result.out == held.answer["access_token"] + "\n"
-    assert_saved(store_path, live_server.base, held.answer)
-    assert_session_survives(live_server, store_path, held.answer)
+    assert_answer_used(proc.finish(), live_server, store_path, held.answer)
 
 
 def test_timeout_longer_than_refresh_wait_is_the_wait(live_server, store_path):
@@ -456,11 +461,7 @@ def test_paused_past_the_deadline_with_the_answer_in_the_socket_uses_it(live_ser
         assert _stopped(proc.pid) is not False, "the process was not stopped"
     finally:
         proc.signal(signal.SIGCONT)
-    result = proc.finish()
-    assert result.code == 0, result
-    assert result.out == held.answer["access_token"] + "\n"
-    assert_saved(store_path, live_server.base, held.answer)
-    assert_session_survives(live_server, store_path, held.answer)
+    assert_answer_used(proc.finish(), live_server, store_path, held.answer)
 
 
 def test_deadline_fires_while_the_whole_answer_waits_unread_the_answer_is_used(live_server, store_path):
